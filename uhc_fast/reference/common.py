@@ -1,0 +1,51 @@
+"""What every solver returns, and the small helpers the reference solvers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..inputs import PackedProblem, scatter_classes
+
+
+@dataclass
+class Solution:
+    """A solver's answer for a batch.
+
+    Attributes:
+        soft: ``(B, K)`` soft labels, rows sum to 1, zero on uncovered classes.
+        iterations: ``(B,)`` int32 iterations used per sample (iterative methods), else None.
+        residual: ``(B,)`` the convergence measure reached per sample (iterative methods), else None.
+    """
+
+    soft: torch.Tensor
+    iterations: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+
+def evidence(problem: PackedProblem) -> torch.Tensor:
+    """``n_l = sum_{i: l in L_i} w_i p_il``, shape ``(B, K)``."""
+    layout = problem.layout
+    return scatter_classes(problem.values * problem.weights[layout.teacher_index], layout)
+
+
+def masked_softmax(u: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Softmax over covered classes; uncovered classes get exactly zero."""
+    return torch.softmax(u.masked_fill(~covered, float("-inf")), dim=1).nan_to_num(0.0)
+
+
+def normalise(q: torch.Tensor) -> torch.Tensor:
+    return q / q.sum(dim=1, keepdim=True)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Residual the iterative solvers stop at when the caller gives no ``tol``."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def row_chunks(batch: int, per_row_elements: int, budget: int = 1 << 24):
+    """Split ``range(batch)`` so one chunk's largest temporary stays near ``budget`` elements."""
+    step = max(1, budget // max(1, per_row_elements))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
