@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..inputs import PackedProblem, scatter_classes, segment_sum
-from .common import Solution, default_tol, evidence, masked_softmax, normalise
+from .ce import solve_ce
+from .common import Solution, default_tol, masked_softmax, row_chunks
 
 DEFAULT_MAX_ITER = 1000
 
@@ -50,39 +51,100 @@ def solve_mf_lf(problem: PackedProblem, tol: float | None = None, max_iter: int 
 
 # ---------------------------------------------------------------------- mf-p
 def solve_mf_p(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
-    """``min_{q in simplex, v >= 0} sum_i w_i sum_{l in L_i} (p_il - v_i q_l)^2`` by alternating
-    least squares from the `sd` estimate.
+    """``min_{q in simplex, v >= 0} sum_i w_i sum_{l in L_i} (p_il - v_i q_l)^2``.
 
-    Both half-steps are closed forms (``v_i = <p_i, q_Li> / |q_Li|^2``; ``q_l`` the weighted
-    regression of ``p_il`` on ``v_i``), each non-negative when p is. The residual is the largest
-    gradient entry in q at ``v = v(q)``, divided by the total weight.
+    For fixed ``v`` the optimal ``q_l = A_l / B_l`` (``A_l = sum_{i: l in L_i} w_i v_i p_il``,
+    ``B_l = sum_{i: l in L_i} w_i v_i^2``) is a closed form, which leaves the N-dimensional problem
+    ``f(v) = -sum_l A_l^2 / B_l`` (+ const), invariant to scaling v. We start from the `ce`
+    estimate (exact on consistent teachers, so recovery costs no sweep) and take Newton steps on
+    ``f`` with a backtracking line search; where the Hessian (gauge-fixed along v) is not positive
+    definite, the step is an alternating-least-squares sweep instead, which always descends.
+    The residual is ``max_i |df/dv_i| / sum_i w_i`` with q normalised to sum 1.
     """
-    p, layout, w = problem.values, problem.layout, problem.weights
+    p, layout = problem.values, problem.layout
     tol = default_tol(p.dtype) if tol is None else tol
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    wt = w[layout.teacher_index]
-    total = w.sum()
-    q = normalise(evidence(problem))
+    start = solve_ce(problem, tol=tol).soft
+    soft = torch.zeros_like(start)
     iterations = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
     residual = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
-    active = torch.arange(p.shape[0], device=p.device)
+    for rows in row_chunks(p.shape[0], layout.num_teachers * layout.num_classes):
+        soft[rows], iterations[rows], residual[rows] = _mf_p_newton(
+            p[rows], start[rows], layout, problem.weights, tol, max_iter
+        )
+    return Solution(soft, iterations, residual)
+
+
+def _mf_p_newton(p, q, layout, w, tol, max_iter):
+    ci, ti = layout.class_index, layout.teacher_index
+    batch, teachers, classes = p.shape[0], layout.num_teachers, layout.num_classes
+    wt, total = w[ti], w.sum()
+    tiny, eps = torch.finfo(p.dtype).tiny, torch.finfo(p.dtype).eps
+    dense_index = ti * classes + ci  # packed column -> position in a (N, K) matrix
+
+    def fit(v):  # A_l, B_l for the optimal q given v
+        vt = v[:, ti]
+        return scatter_classes(wt * vt * p_a, layout), scatter_classes(wt * vt * vt, layout)
+
+    def objective(v):
+        a, b = fit(v)
+        return -(a * a / b.clamp_min(tiny)).sum(dim=1)
+
+    def v_of(q_packed):  # the v-half of an ALS sweep
+        return segment_sum(p_a * q_packed, layout) / segment_sum(q_packed * q_packed, layout).clamp_min(tiny)
+
+    p_a = p
+    v = v_of(q[:, ci])
+    iterations = torch.zeros(batch, dtype=torch.int32, device=p.device)
+    residual = torch.zeros(batch, dtype=p.dtype, device=p.device)
+    active = torch.arange(batch, device=p.device)
     for step in range(max_iter + 1):
-        pa, qa = p[active], q[active]
-        qg = qa[:, layout.class_index]
-        v = segment_sum(pa * qg, layout) / segment_sum(qg * qg, layout).clamp_min(torch.finfo(p.dtype).tiny)
-        vt = v[:, layout.teacher_index]
-        num = scatter_classes(wt * vt * pa, layout)
-        den = scatter_classes(wt * vt * vt, layout)
-        grad = num - den * qa
+        p_a, va = p[active], v[active]
+        a, b = fit(va)
+        qa = torch.where(b > 0, a / b.clamp_min(tiny), 0)
+        scale = qa.sum(dim=1, keepdim=True)
+        qa, va, b = qa / scale, va * scale, b * scale * scale
+        qg, vt = qa[:, ci], va[:, ti]
+        grad = -2 * w * segment_sum(qg * p_a - qg * qg * vt, layout)
         residual[active] = grad.abs().amax(dim=1) / total
+        q[active], v[active] = qa, va
         keep = residual[active] > tol
         if step == max_iter or not bool(keep.any()):
             break
-        update = torch.where(den > 0, num / den.clamp_min(torch.finfo(p.dtype).tiny), 0)
-        q[active] = torch.where(keep.unsqueeze(1), normalise(update), qa)
-        iterations[active[keep]] += 1
-        active = active[keep]
-    return Solution(q, iterations, residual)
+        active, p_a, qa, va, qg, vt, grad, b = (x[keep] for x in (active, p_a, qa, va, qg, vt, grad, b))
+
+        # Hessian of f: 2 w_j sum_{L_j} q_l^2 on the diagonal minus
+        # 2 w_j w_k sum_{l in L_j and L_k} e_jl e_kl / B_l, with e_il = p_il - 2 q_l v_i.
+        e = p.new_zeros(active.numel(), teachers * classes)
+        e[:, dense_index] = p_a - 2 * qg * vt
+        e = e.view(-1, teachers, classes)
+        hess = torch.diag_embed(2 * w * segment_sum(qg * qg, layout))
+        hess = hess - 2 * w.unsqueeze(1) * w * ((e / b.clamp_min(tiny).unsqueeze(1)) @ e.transpose(1, 2))
+        direction = va / va.norm(dim=1, keepdim=True)
+        level = hess.diagonal(dim1=1, dim2=2).abs().mean(dim=1)
+        hess = hess + level[:, None, None] * direction.unsqueeze(2) * direction.unsqueeze(1)  # gauge
+        factor, failed = torch.linalg.cholesky_ex(hess)
+        delta = torch.cholesky_solve(-grad.unsqueeze(2), factor).squeeze(2)
+        delta = torch.where((failed != 0).unsqueeze(1), v_of(qg) - va, delta)
+
+        f0 = objective(va)
+        slope = (grad * delta).sum(dim=1)
+        slack = 16 * eps * f0.abs()
+        floor = 1e-12 * va.amax(dim=1, keepdim=True)
+        t = torch.ones_like(f0)
+        accepted = torch.zeros_like(f0, dtype=torch.bool)
+        v_new = va.clone()
+        for _ in range(40):
+            cand = (va + t.unsqueeze(1) * delta).clamp_min(floor)
+            ok = ~accepted & (objective(cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
+            v_new[ok] = cand[ok]
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            t = torch.where(accepted, t, t / 2)
+        v[active] = v_new
+        iterations[active] += 1
+    return q, iterations, residual
 
 
 # ---------------------------------------------------------------------- mf-lu
