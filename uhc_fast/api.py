@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from . import dispatch
@@ -55,7 +54,7 @@ def estimate(
             class-overlap graph is connected, else 0.01 with a warning naming the components.
         tol: convergence threshold of the iterative methods' residual (default 1e-9 in float64,
             1e-5 in float32 computation).
-        max_iter: iteration cap (default 100 Newton steps for ``ce``, 1000 sweeps for ``mf-p``/``mf-lu``).
+        max_iter: iteration cap: Newton (`ce`, `mf-p`) or Gauss-Newton (`mf-lu`) steps, default 100.
         eps: probabilities are clamped to ``eps`` before taking logs (logit-space methods).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         return_info: also return a dict of diagnostics.
@@ -74,8 +73,14 @@ def estimate(
         raise ValueError(f"max_iter={max_iter!r}: must be an int >= 0")
     teachers = as_teacher_set(class_sets, num_classes)
     problem, converted = pack(
-        outputs, teachers, inputs=inputs, value_kind=METHODS[method], weights=weights,
-        temperature=temperature, alpha=alpha, eps=eps,
+        outputs,
+        teachers,
+        inputs=inputs,
+        value_kind=METHODS[method],
+        weights=weights,
+        temperature=temperature,
+        alpha=alpha,
+        eps=eps,
     )
     chosen = dispatch.select(backend, converted.device, method)
     tol = default_tol(converted.compute_dtype) if tol is None else float(tol)

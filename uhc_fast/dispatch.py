@@ -121,8 +121,7 @@ def info() -> dict:
             entry.update(candidate.details)
             report[name] = entry
     report["auto"] = {
-        device: next(n for n in order if not isinstance(load(n), str))
-        for device, order in _AUTO_ORDER.items()
+        device: next(n for n in order if not isinstance(load(n), str)) for device, order in _AUTO_ORDER.items()
     }
     report["torch_version"] = torch.__version__
     report["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

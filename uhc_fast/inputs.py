@@ -70,9 +70,7 @@ def convert_outputs(outputs: Sequence, teachers: TeacherSet, inputs: str) -> Con
     if isinstance(outputs, (torch.Tensor, np.ndarray)) or not isinstance(outputs, Sequence):
         raise TypeError("outputs must be a sequence of N per-teacher arrays shaped (B, |L_i|)")
     if len(outputs) != teachers.num_teachers:
-        raise ValueError(
-            f"got outputs for {len(outputs)} teachers but class sets for {teachers.num_teachers}"
-        )
+        raise ValueError(f"got outputs for {len(outputs)} teachers but class sets for {teachers.num_teachers}")
     tensors = []
     all_numpy = True
     for i, x in enumerate(outputs):
@@ -93,9 +91,7 @@ def convert_outputs(outputs: Sequence, teachers: TeacherSet, inputs: str) -> Con
                 f"teacher {i}: outputs have {x.shape[1]} columns but its class set has {teachers.sizes[i]}"
             )
         if tensors and x.shape[0] != tensors[0].shape[0]:
-            raise ValueError(
-                f"teacher {i}: batch size {x.shape[0]} differs from teacher 0's {tensors[0].shape[0]}"
-            )
+            raise ValueError(f"teacher {i}: batch size {x.shape[0]} differs from teacher 0's {tensors[0].shape[0]}")
         if tensors and x.device != tensors[0].device:
             raise ValueError(f"teacher {i}: on {x.device} but teacher 0 is on {tensors[0].device}")
         tensors.append(x)
@@ -194,8 +190,10 @@ def pack(
     if temperature != 1.0:
         logits = logits / temperature
     if value_kind == "probs":
-        values = segment_softmax(logits, layout) if (inputs == "logits" or temperature != 1.0) else (
-            values / segment_sum(values, layout)[:, layout.teacher_index]
+        values = (
+            segment_softmax(logits, layout)
+            if (inputs == "logits" or temperature != 1.0)
+            else (values / segment_sum(values, layout)[:, layout.teacher_index])
         )
     else:
         values = logits

@@ -91,8 +91,13 @@ class UHCLoss(nn.Module):
         if not student_logits.is_floating_point():
             raise TypeError(f"student_logits must be floating point, got {student_logits.dtype}")
         problem, converted = pack(
-            outputs, self.teachers, inputs=self.inputs, value_kind="probs", weights=self.weights,
-            temperature=self.temperature, alpha=self.alpha,
+            outputs,
+            self.teachers,
+            inputs=self.inputs,
+            value_kind="probs",
+            weights=self.weights,
+            temperature=self.temperature,
+            alpha=self.alpha,
         )
         if converted.batch_size != student_logits.shape[0]:
             raise ValueError(

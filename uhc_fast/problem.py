@@ -103,9 +103,10 @@ class TeacherSet:
                 )
             self.classes: tuple[Hashable, ...] = tuple(range(num_classes))
         else:
-            if any(_is_int(c) for cs in sets for c in cs):
-                bad = next(i for i, cs in enumerate(sets) if any(_is_int(c) for c in cs))
-                raise TypeError(f"teacher {bad}: class sets mix indices and names; use one kind")
+            first_is_int = _is_int(sets[0][0])
+            mixed = [i for i, cs in enumerate(sets) if any(_is_int(c) != first_is_int for c in cs)]
+            if mixed:
+                raise TypeError(f"teacher {mixed[0]}: class sets mix indices and names; use one kind")
             if classes is not None:
                 order = list(classes)
                 if len(set(order)) != len(order):
@@ -113,9 +114,7 @@ class TeacherSet:
             else:
                 order = list(dict.fromkeys(c for cs in sets for c in cs))
             if num_classes is not None and num_classes != len(order):
-                raise ValueError(
-                    f"num_classes={num_classes} but the class names give {len(order)} classes"
-                )
+                raise ValueError(f"num_classes={num_classes} but the class names give {len(order)} classes")
             position = {c: k for k, c in enumerate(order)}
             for i, cs in enumerate(sets):
                 missing = [c for c in cs if c not in position]
@@ -197,8 +196,9 @@ class TeacherSet:
         if self.is_connected or self._warned_disconnected:
             return
         self._warned_disconnected = True
-        shown = [[self.classes[k] for k in comp[:8]] + (["..."] if len(comp) > 8 else [])
-                 for comp in self.components[:6]]
+        shown = [
+            [self.classes[k] for k in comp[:8]] + (["..."] if len(comp) > 8 else []) for comp in self.components[:6]
+        ]
         warnings.warn(
             f"the class-overlap graph has {len(self.components)} components {shown}: the teachers "
             "do not determine how mass splits between them, so a uniform prior with weight alpha "
@@ -212,15 +212,13 @@ def as_teacher_set(class_sets, num_classes: int | None = None) -> TeacherSet:
     """Accept either a TeacherSet or raw class sets (the public functions' convenience)."""
     if isinstance(class_sets, TeacherSet):
         if num_classes is not None and num_classes != class_sets.num_classes:
-            raise ValueError(
-                f"num_classes={num_classes} disagrees with the TeacherSet's {class_sets.num_classes}"
-            )
+            raise ValueError(f"num_classes={num_classes} disagrees with the TeacherSet's {class_sets.num_classes}")
         return class_sets
     return TeacherSet(class_sets, num_classes=num_classes)
 
 
 def _is_int(c) -> bool:
-    return isinstance(c, int) and not isinstance(c, bool) or (
+    return (isinstance(c, int) and not isinstance(c, bool)) or (
         hasattr(c, "dtype") and getattr(c.dtype, "kind", "") in "iu" and getattr(c, "ndim", 1) == 0
     )
 

@@ -11,7 +11,7 @@ from ..inputs import PackedProblem, scatter_classes, segment_sum
 from .ce import solve_ce
 from .common import Solution, default_tol, masked_softmax, row_chunks
 
-DEFAULT_MAX_ITER = 1000
+DEFAULT_MAX_ITER = 100
 
 
 # ---------------------------------------------------------------------- mf-lf
@@ -149,55 +149,112 @@ def _mf_p_newton(p, q, layout, w, tol, max_iter):
 
 # ---------------------------------------------------------------------- mf-lu
 def solve_mf_lu(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
-    """``min_{u, c, v >= 0} sum_i w_i sum_{l in L_i} (z_il - v_i u_l - c_i)^2`` with ``mean(v) = 1``,
-    by block coordinate descent from the `mf-lf` solution (``v = 1``).
+    """``min_{u, c, v >= 0} sum_i w_i sum_{l in L_i} (z_il - v_i u_l - c_i)^2`` with the
+    weighted mean ``sum_i w_i v_i / sum_i w_i = 1`` (plain ``mean(v) = 1`` for unit weights), by
+    damped Gauss-Newton from the `mf-lf` solution (``v = 1``).
 
-    Each sweep fits every teacher's ``(v_i, c_i)`` as a 1-D regression of its logits on ``u``, then
-    ``u`` as a weighted regression on ``v``; a teacher with one class (no slope to fit) keeps its
-    scale. The residual is the largest projected gradient entry in ``(v, c)`` after the ``u`` step
-    (where the ``u`` gradient is zero), divided by the total weight.
+    The normal matrix's u-block is diagonal, so each step eliminates u and solves a 2N x 2N
+    Schur complement in ``(c, v)``: ``O(sum_l d_l^2 + N^3)`` per sample, quadratic convergence on
+    consistent teachers. A small Levenberg term handles the two gauge directions (scale and
+    shift of u), a backtracking line search keeps every step a descent, and ``v`` is kept
+    ``>= 0``. The residual is the largest gradient entry in ``(u, c, v)``, divided by the total
+    weight, after the gauge is reset.
     """
-    z, layout, w = problem.values, problem.layout, problem.weights
+    z, layout = problem.values, problem.layout
     tol = default_tol(z.dtype) if tol is None else tol
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    ci, ti = layout.class_index, layout.teacher_index
-    wt = w[ti]
-    total = w.sum()
-    tiny = torch.finfo(z.dtype).tiny
-    count = layout.mask_as(z.dtype).sum(dim=1)
-    zmean = segment_sum(z, layout) / count
     u, c = _mf_lf(problem)
-    v = torch.ones_like(c)
+    soft = torch.zeros_like(u)
     iterations = torch.zeros(z.shape[0], dtype=torch.int32, device=z.device)
     residual = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    active = torch.arange(z.shape[0], device=z.device)
+    for rows in row_chunks(z.shape[0], 4 * layout.num_teachers * layout.num_classes):
+        u_rows, iterations[rows], residual[rows] = _mf_lu_gauss_newton(
+            z[rows], u[rows], c[rows], layout, problem.weights, tol, max_iter
+        )
+        soft[rows] = masked_softmax(u_rows, layout.covered)
+    return Solution(soft, iterations, residual)
+
+
+def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
+    ci, ti = layout.class_index, layout.teacher_index
+    batch, teachers, classes = z.shape[0], layout.num_teachers, layout.num_classes
+    wt, total = w[ti], w.sum()
+    tiny, eps = torch.finfo(z.dtype).tiny, torch.finfo(z.dtype).eps
+    covered = layout.covered
+    v = torch.ones_like(c)
+    dense_c = ti * classes + ci  # packed column -> position in the c rows of a (2N, K) matrix
+    dense_v = dense_c + teachers * classes  # ... and in the v rows
+
+    def objective(z_, u_, c_, v_):
+        r = z_ - v_[:, ti] * u_[:, ci] - c_[:, ti]
+        return (wt * r * r).sum(dim=1)
+
+    iterations = torch.zeros(batch, dtype=torch.int32, device=z.device)
+    residual = torch.zeros(batch, dtype=z.dtype, device=z.device)
+    active = torch.arange(batch, device=z.device)
     for step in range(max_iter + 1):
-        za, ua, va = z[active], u[active], v[active]
-        # (v, c): per-teacher regression of z_i on u_{L_i}
-        ug = ua[:, ci]
-        umean = segment_sum(ug, layout) / count
-        spread = segment_sum(ug * ug, layout) / count - umean * umean
-        cov = segment_sum(ug * za, layout) / count - umean * zmean[active]
-        fit = spread > 64 * torch.finfo(z.dtype).eps * (umean * umean + 1)
-        va = torch.where(fit, (cov / spread.clamp_min(tiny)).clamp_min(0), va)
-        ca = zmean[active] - va * umean
-        # u: weighted regression of z_il - c_i on v_i
-        vt = va[:, ti]
-        num = scatter_classes(wt * vt * (za - ca[:, ti]), layout)
-        den = scatter_classes(wt * vt * vt, layout)
-        ua = torch.where(den > tiny, num / den.clamp_min(tiny), ua)
-        # gauge: mean(v) = 1 (v u and c are unchanged)
-        scale = va.mean(dim=1, keepdim=True).clamp_min(tiny)
+        za, ua, ca, va = z[active], u[active], c[active], v[active]
+        scale = ((va @ w) / total).clamp_min(tiny).unsqueeze(1)  # gauge: weighted mean(v) = 1
         va, ua = va / scale, ua * scale
-        res = za - va[:, ti] * ua[:, ci] - ca[:, ti]
-        grad_c = segment_sum(wt * res, layout)
-        grad_v = segment_sum(wt * res * ua[:, ci], layout)
-        grad_v = torch.where((va <= 0) & (grad_v < 0), 0, grad_v)  # v at its bound, pushed outward
-        residual[active] = torch.maximum(grad_c.abs().amax(dim=1), grad_v.abs().amax(dim=1)) / total
+        ug, vt = ua[:, ci], va[:, ti]
+        r = za - vt * ug - ca[:, ti]
+        # half the negative gradient of the objective, per block
+        grad_u = scatter_classes(wt * vt * r, layout)
+        grad_c = segment_sum(wt * r, layout)
+        grad_v = segment_sum(wt * ug * r, layout)
+        grad_v_proj = torch.where((va <= 0) & (grad_v < 0), 0, grad_v)  # v at its bound, pushed outward
+        residual[active] = (
+            torch.stack([grad_u.abs().amax(dim=1), grad_c.abs().amax(dim=1), grad_v_proj.abs().amax(dim=1)]).amax(dim=0)
+            / total
+        )
         u[active], v[active] = ua, va
-        iterations[active] += 1
         keep = residual[active] > tol
         if step == max_iter or not bool(keep.any()):
             break
-        active = active[keep]
-    return Solution(masked_softmax(u, layout.covered), iterations, residual)
+        active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v = (
+            x[keep] for x in (active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v)
+        )
+        b = active.numel()
+
+        # J^T W J = [[A, X], [X^T, C]]: A diagonal over classes, C block-diagonal over teachers
+        a = scatter_classes(wt * vt * vt, layout)
+        cc = (w * layout.mask_as(z.dtype).sum(dim=1)).expand(b, -1)
+        cv = segment_sum(wt * ug, layout)
+        vv = segment_sum(wt * ug * ug, layout)
+        damping = 1e-9 * (cc.mean(dim=1, keepdim=True) + vv.mean(dim=1, keepdim=True))
+        a = torch.where(covered, a, 1) + damping
+        x = z.new_zeros(b, 2 * teachers * classes)
+        x[:, dense_c] = wt * vt
+        x[:, dense_v] = wt * vt * ug
+        x = x.view(b, 2 * teachers, classes)
+        schur = torch.diag_embed(torch.cat([cc, vv], dim=1) + damping)
+        schur[:, :teachers, teachers:] += torch.diag_embed(cv)
+        schur[:, teachers:, :teachers] += torch.diag_embed(cv)
+        schur = schur - (x / a.unsqueeze(1)) @ x.transpose(1, 2)
+        rhs = torch.cat([grad_c, grad_v], dim=1) - (x @ (grad_u / a).unsqueeze(2)).squeeze(2)
+        step_cv = torch.linalg.solve(schur, rhs)
+        step_u = (grad_u - (x.transpose(1, 2) @ step_cv.unsqueeze(2)).squeeze(2)) / a
+        step_c, step_v = step_cv[:, :teachers], step_cv[:, teachers:]
+
+        f0 = objective(za, ua, ca, va)
+        slope = -2 * ((grad_u * step_u).sum(dim=1) + (grad_c * step_c).sum(dim=1) + (grad_v * step_v).sum(dim=1))
+        slack = 16 * eps * f0.abs()
+        t = torch.ones_like(f0)
+        accepted = torch.zeros_like(f0, dtype=torch.bool)
+        new = [ua.clone(), ca.clone(), va.clone()]
+        for _ in range(40):
+            cand = (
+                ua + t.unsqueeze(1) * step_u,
+                ca + t.unsqueeze(1) * step_c,
+                (va + t.unsqueeze(1) * step_v).clamp_min(0),
+            )
+            ok = ~accepted & (objective(za, *cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
+            for target, value in zip(new, cand):
+                target[ok] = value[ok]
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            t = torch.where(accepted, t, t / 2)
+        u[active], c[active], v[active] = new
+        iterations[active] += 1
+    return u, iterations, residual
