@@ -17,6 +17,12 @@ from .problems import consistent_outputs, noisy, random_class_sets, random_soft_
 RECOVERING = ("ce", "mf-p", "mf-lf")
 
 
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """These tests define correct: they run the torch reference whatever else is built."""
+    monkeypatch.setenv("UHC_FAST_BACKEND", "torch")
+
+
 def make(num_classes=23, num_teachers=7, batch=64, coverage=0.3, seed=0):
     rng = np.random.default_rng(seed)
     sets = random_class_sets(num_classes, num_teachers, coverage, rng)

@@ -104,17 +104,16 @@ def convert_outputs(outputs: Sequence, teachers: TeacherSet, inputs: str) -> Con
 def _check_values(i: int, x: torch.Tensor, inputs: str) -> None:
     if x.numel() == 0:
         return
-    finite = torch.isfinite(x).all(dim=1)
-    if not bool(finite.all()):
-        row = int(torch.nonzero(~finite)[0])
+    # whole-tensor reductions first (cheap); locate the row only when something is wrong
+    if not bool(torch.isfinite(x).all()):
+        row = int(torch.nonzero(~torch.isfinite(x).all(dim=1))[0])
         raise ValueError(f"teacher {i}, row {row}: outputs contain NaN or Inf")
     if inputs != "probs":
         return
-    negative = (x < 0).any(dim=1)
-    if bool(negative.any()):
-        row = int(torch.nonzero(negative)[0])
+    if bool(x.min() < 0):
+        row = int(torch.nonzero((x < 0).any(dim=1))[0])
         raise ValueError(f"teacher {i}, row {row}: negative probability (did you mean inputs='logits'?)")
-    sums = x.double().sum(dim=1)
+    sums = x.sum(dim=1, dtype=torch.float64)
     if bool((sums == 0).any()):
         row = int(torch.nonzero(sums == 0)[0])
         raise ValueError(f"teacher {i}, row {row}: all probabilities are zero")
@@ -181,22 +180,10 @@ def pack(
     w = resolve_weights(weights, teachers, dtype, device)
     alpha = resolve_alpha(alpha, teachers)
 
-    values = torch.cat([x.to(dtype) for x in converted.tensors], dim=1)
     layout = teachers.layout(device)
-    if inputs == "probs":
-        logits = torch.log(values.clamp_min(eps))
-    else:
-        logits = values
-    if temperature != 1.0:
-        logits = logits / temperature
-    if value_kind == "probs":
-        values = (
-            segment_softmax(logits, layout)
-            if (inputs == "logits" or temperature != 1.0)
-            else (values / segment_sum(values, layout)[:, layout.teacher_index])
-        )
-    else:
-        values = logits
+    values = torch.cat(
+        [_as_value_kind(x.to(dtype), inputs, value_kind, temperature, eps) for x in converted.tensors], 1
+    )
 
     if alpha > 0:
         teachers = teachers.with_prior()
@@ -206,6 +193,16 @@ def pack(
         values = torch.cat([values, values.new_full((values.shape[0], k), fill)], dim=1)
         w = torch.cat([w, w.new_tensor([alpha])])
     return PackedProblem(values.contiguous(), layout, w, teachers), converted
+
+
+def _as_value_kind(x: torch.Tensor, inputs: str, value_kind: str, temperature: float, eps: float) -> torch.Tensor:
+    """One teacher's ``(B, |L_i|)`` outputs as renormalised probabilities or as logits, at ``temperature``."""
+    if value_kind == "probs" and inputs == "probs" and temperature == 1.0:
+        return x / x.sum(dim=1, keepdim=True)  # absorbs the rounding of a stored softmax
+    logits = torch.log(x.clamp_min(eps)) if inputs == "probs" else x
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.softmax(logits, dim=1) if value_kind == "probs" else logits
 
 
 # ---------------------------------------------------------------------- packed primitives

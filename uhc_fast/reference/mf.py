@@ -221,7 +221,8 @@ def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
         cc = (w * layout.mask_as(z.dtype).sum(dim=1)).expand(b, -1)
         cv = segment_sum(wt * ug, layout)
         vv = segment_sum(wt * ug * ug, layout)
-        damping = 1e-9 * (cc.mean(dim=1, keepdim=True) + vv.mean(dim=1, keepdim=True))
+        # Levenberg term: fixes the gauge directions, sized to the precision
+        damping = 1e-2 * eps**0.5 * (cc.mean(dim=1, keepdim=True) + vv.mean(dim=1, keepdim=True))
         a = torch.where(covered, a, 1) + damping
         x = z.new_zeros(b, 2 * teachers * classes)
         x[:, dense_c] = wt * vt
@@ -232,7 +233,8 @@ def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
         schur[:, teachers:, :teachers] += torch.diag_embed(cv)
         schur = schur - (x / a.unsqueeze(1)) @ x.transpose(1, 2)
         rhs = torch.cat([grad_c, grad_v], dim=1) - (x @ (grad_u / a).unsqueeze(2)).squeeze(2)
-        step_cv = torch.linalg.solve(schur, rhs)
+        step_cv, failed = torch.linalg.solve_ex(schur, rhs)
+        step_cv = torch.where((failed != 0).unsqueeze(1), rhs / schur.diagonal(dim1=1, dim2=2), step_cv)
         step_u = (grad_u - (x.transpose(1, 2) @ step_cv.unsqueeze(2)).squeeze(2)) / a
         step_c, step_v = step_cv[:, :teachers], step_cv[:, teachers:]
 
