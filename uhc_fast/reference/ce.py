@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import PackedProblem
-from .common import Solution, default_tol, evidence, row_chunks
+from .common import Solution, default_tol, evidence, masked_gram, row_chunks
 
 DEFAULT_MAX_ITER = 100
 _ARMIJO = 1e-4
@@ -83,7 +83,7 @@ def _newton(n, mask, weights, tol, max_iter):
         x = torch.where(covered, na / d, 0)
         a = r * (x @ mask.T)  # sum_l n_l pi_il
         grad = a - weights
-        curvature = (mask * (x / d).unsqueeze(1)) @ mask.T  # sum_l M_il M_jl n_l / D_l^2
+        curvature = masked_gram(x / d, mask)  # sum_l M_il M_jl n_l / D_l^2
         hess = torch.diag_embed(a) - r.unsqueeze(2) * r.unsqueeze(1) * curvature
         hess = hess + total / mask.shape[0] + (eps * total) * eye  # gauge + a whisper of ridge
         delta = torch.linalg.solve(hess, -grad)

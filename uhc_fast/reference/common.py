@@ -44,6 +44,19 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
+def masked_gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, K) -> (B, N, N)``: ``sum_l x_l M_il M_jl``, the x-weighted overlap of teachers i and j.
+
+    One GEMM against the ``(K, N*N)`` table of class-shared teacher pairs when that table is small,
+    else a batched product (whose ``(B, N, K)`` temporary the callers bound by chunking rows).
+    """
+    teachers, classes = mask.shape
+    if classes * teachers * teachers <= 1 << 22:
+        pairs = (mask.T.unsqueeze(2) * mask.T.unsqueeze(1)).reshape(classes, teachers * teachers)
+        return (x @ pairs).view(-1, teachers, teachers)
+    return (mask * x.unsqueeze(1)) @ mask.T
+
+
 def row_chunks(batch: int, per_row_elements: int, budget: int = 1 << 24):
     """Split ``range(batch)`` so one chunk's largest temporary stays near ``budget`` elements."""
     step = max(1, budget // max(1, per_row_elements))
