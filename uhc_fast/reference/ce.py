@@ -83,7 +83,7 @@ def _newton(n, mask, weights, tol, max_iter):
         x = torch.where(covered, na / d, 0)
         a = r * (x @ mask.T)  # sum_l n_l pi_il
         grad = a - weights
-        curvature = masked_gram(x / d, mask)  # sum_l M_il M_jl n_l / D_l^2
+        curvature = masked_gram(torch.where(covered, x / d, 0), mask)  # sum_l M_il M_jl n_l / D_l^2
         hess = torch.diag_embed(a) - r.unsqueeze(2) * r.unsqueeze(1) * curvature
         hess = hess + total / mask.shape[0] + (eps * total) * eye  # gauge + a whisper of ridge
         delta = torch.linalg.solve(hess, -grad)
