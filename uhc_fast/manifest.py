@@ -68,7 +68,9 @@ class TeacherSource:
         shape: ``(B, C)`` as stored.
         dtype: the stored torch dtype (float16, bfloat16, float32 or float64).
         storage: the numpy dtype of the stored bytes (byte order included; uint16 for bfloat16).
-        data_offset: byte offset of element ``[0, 0]`` in the file (rows are C-contiguous).
+        data_offset: byte offset of element ``[0, 0]`` in the file.
+        fortran: stored column-major (``np.save`` of a transposed or column-sliced array): a chunk
+            is then read as one contiguous piece per column.
     """
 
     name: str
@@ -80,6 +82,7 @@ class TeacherSource:
     dtype: torch.dtype
     storage: np.dtype
     data_offset: int
+    fortran: bool = False
     _file: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -94,25 +97,37 @@ class TeacherSource:
         """
         if not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(f"teacher {self.name!r}: rows {start}:{stop} out of range for {self.shape[0]} samples")
-        rows = stop - start
+        rows, cols = stop - start, self.shape[1]
         if out is None:
-            buf = np.empty((rows, self.shape[1]), dtype=self.storage)
+            buf = np.empty((rows, cols), dtype=self.storage)
         else:
             buf = out[:rows].view(self.storage)
         if self._file is None:
-            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open across chunks)
+            self._file = open(self.path, "rb", buffering=0)
+        if self.fortran:
+            # Column j holds rows 0..B-1 contiguously: read each column's slice, then transpose.
+            cols_first = np.empty((cols, rows), dtype=self.storage)
+            for j in range(cols):
+                self._read_into(cols_first[j], self.data_offset + (j * self.shape[0] + start) * self.storage.itemsize)
+            buf[...] = cols_first.T
+        else:
+            self._read_into(buf, self.data_offset + start * self.row_bytes)
+        if not buf.dtype.isnative:
+            buf = buf.astype(buf.dtype.newbyteorder("="))
+        tensor = torch.from_numpy(buf)
+        return tensor.view(self.dtype) if self.dtype == torch.bfloat16 else tensor
+
+    def _read_into(self, buf: np.ndarray, offset: int) -> None:
+        if buf.size == 0:
+            return
         view = memoryview(buf).cast("B")
-        self._file.seek(self.data_offset + start * self.row_bytes)
+        self._file.seek(offset)
         got = 0
         while got < len(view):
             n = self._file.readinto(view[got:])
             if not n:
                 raise OSError(f"teacher {self.name!r}: {self.path} ended early (truncated while running?)")
             got += n
-        if not buf.dtype.isnative:
-            buf = buf.astype(buf.dtype.newbyteorder("="))
-        tensor = torch.from_numpy(buf)
-        return tensor.view(self.dtype) if self.dtype == torch.bfloat16 else tensor
 
     def close(self) -> None:
         if self._file is not None:
@@ -281,7 +296,7 @@ def _parse_teacher(i: int, entry, base: Path, names: set[str], problems: list[st
     header = _read_header(file, tensor_name, who, problems)
     if header is None or len(problems) > start:
         return None
-    shape, dtype, storage, offset = header
+    shape, dtype, storage, offset, fortran = header
     if len(shape) != 2:
         problems.append(f"{who}: {outputs} holds an array of shape {shape}; expected 2-D (samples, {len(classes)})")
         return None
@@ -291,8 +306,18 @@ def _parse_teacher(i: int, entry, base: Path, names: set[str], problems: list[st
         )
         return None
     st = file.stat()
-    source = TeacherSource(str(name), tuple(classes), kind, float(weight), file, (int(shape[0]), int(shape[1])),
-                           dtype, storage, offset)
+    source = TeacherSource(
+        str(name),
+        tuple(classes),
+        kind,
+        float(weight),
+        file,
+        (int(shape[0]), int(shape[1])),
+        dtype,
+        storage,
+        offset,
+        fortran,
+    )
     return source, {"outputs": outputs, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -327,18 +352,13 @@ def _npy_header(f, file: Path, who: str, problems: list[str]):
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         problems.append(f"{who}: {file.name} has dtype {dtype}; teacher outputs must be float16/32/64")
         return None
-    if fortran and len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
-        problems.append(
-            f"{who}: {file.name} is stored in Fortran (column-major) order; re-save it with "
-            "np.save(path, np.ascontiguousarray(array)) so rows can be streamed"
-        )
-        return None
     offset = f.tell()
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if file.stat().st_size < expected:
         problems.append(f"{who}: {file.name} is truncated ({file.stat().st_size} bytes, header says {expected})")
         return None
-    return tuple(int(s) for s in shape), _NUMPY_TO_TORCH[np.dtype(dtype.str.replace(">", "<"))], dtype, offset
+    torch_dtype = _NUMPY_TO_TORCH[np.dtype(dtype.str.replace(">", "<"))]
+    return tuple(int(s) for s in shape), torch_dtype, dtype, offset, bool(fortran and len(shape) == 2)
 
 
 def _safetensors_header(f, file: Path, tensor_name, who: str, problems: list[str]):
@@ -369,7 +389,9 @@ def _safetensors_header(f, file: Path, tensor_name, who: str, problems: list[str
     info = tensors[tensor_name]
     code = info.get("dtype")
     if code not in _SAFETENSORS_DTYPES:
-        problems.append(f"{who}: {file.name}[{tensor_name!r}] has dtype {code}; teacher outputs must be F16/BF16/F32/F64")
+        problems.append(
+            f"{who}: {file.name}[{tensor_name!r}] has dtype {code}; teacher outputs must be F16/BF16/F32/F64"
+        )
         return None
     storage, dtype = _SAFETENSORS_DTYPES[code]
     begin, end = info["data_offsets"]
@@ -377,7 +399,7 @@ def _safetensors_header(f, file: Path, tensor_name, who: str, problems: list[str
     if end - begin != int(np.prod(shape)) * storage.itemsize or file.stat().st_size < 8 + size + end:
         problems.append(f"{who}: {file.name}[{tensor_name!r}] is truncated or inconsistent with its header")
         return None
-    return shape, dtype, storage, 8 + size + begin
+    return shape, dtype, storage, 8 + size + begin, False
 
 
 def _build_teacher_set(teachers: list[TeacherSource], union, problems: list[str]):

@@ -47,13 +47,13 @@ class Progress:
         self._start = time.perf_counter()
         self._last = float("-inf")
         self._width = 0
+        self._drawn = -1
 
     def update(self, n: int) -> None:
         """Record ``n`` more samples done; redraw if the refresh interval has passed."""
         self.done += int(n)
         now = time.perf_counter()
         if self.enabled and (now - self._last >= self.interval or self.done >= self.total):
-            self._last = now
             self._draw(now)
 
     @property
@@ -75,6 +75,8 @@ class Progress:
         )
 
     def _draw(self, now: float) -> None:
+        self._last = now
+        self._drawn = self.done
         text = self.line(now)
         if self.tty:
             pad = " " * max(0, self._width - len(text))
@@ -88,7 +90,8 @@ class Progress:
         """Draw the final state and end the line."""
         if not self.enabled:
             return
-        self._draw(time.perf_counter())
+        if self._drawn != self.done:
+            self._draw(time.perf_counter())
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

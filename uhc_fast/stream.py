@@ -170,29 +170,40 @@ def estimate_manifest(
         plan: dict | str
         if group.rank == 0:
             try:
-                plan = _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, group.world_size)
-            except (JobError, OSError, ValueError) as err:
-                plan = f"{type(err).__name__}: {err}"
+                plan = _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, dev)
+            except Exception as err:
+                if group.world_size == 1:
+                    raise
+                plan = f"{type(err).__name__}: {err}"  # every rank raises it, none waits forever
         else:
             plan = None
         plan = group.broadcast(plan)
         if isinstance(plan, str):
-            raise JobError(plan)
-        result_args = dict(out=paths["values"], sidecar=paths["sidecar"], indices=paths["indices"],
-                           chunks_total=plan["chunks_total"], chunks_before=plan["chunks_total"] - len(plan["pending"]),
-                           rank=group.rank, world_size=group.world_size)
+            raise JobError(f"rank 0: {plan}")
+        result_args = dict(
+            out=paths["values"],
+            sidecar=paths["sidecar"],
+            indices=paths["indices"],
+            chunks_total=plan["chunks_total"],
+            chunks_before=plan["chunks_total"] - len(plan["pending"]),
+            rank=group.rank,
+            world_size=group.world_size,
+        )
         if plan["status"] == "already complete":
-            return JobResult("already complete", chunks_run=0, samples_run=0,
-                             seconds=time.perf_counter() - started, **result_args)
+            return JobResult(
+                "already complete", chunks_run=0, samples_run=0, seconds=time.perf_counter() - started, **result_args
+            )
 
         pending = plan["pending"]
-        mine = pending[group.rank * len(pending) // group.world_size : (group.rank + 1) * len(pending) // group.world_size]
+        mine = pending[
+            group.rank * len(pending) // group.world_size : (group.rank + 1) * len(pending) // group.world_size
+        ]
         size = plan["chunk_size"]
         error = None
         samples = 0
         try:
             samples = _run_chunks(m, paths, method, params, size, mine, dev, group, progress, plan)
-        except Exception as err:  # noqa: BLE001 (reported to every rank, re-raised below)
+        except Exception as err:
             error = err
         errors = group.gather(None if error is None else f"rank {group.rank}: {type(error).__name__}: {error}")
         failed = [e for e in errors if e is not None]
@@ -204,13 +215,16 @@ def estimate_manifest(
         if group.rank == 0:
             try:
                 _finalise(m, paths, method, params, fingerprint, size, plan, group.world_size)
-            except (JobError, OSError) as err:
-                final = f"{type(err).__name__}: {err}"
+            except Exception as err:
+                if group.world_size == 1:
+                    raise
+                final = f"rank 0: {type(err).__name__}: {err}"
         final = group.broadcast(final)
         if final is not None:
             raise JobError(final)
-        return JobResult("complete", chunks_run=len(mine), samples_run=samples,
-                         seconds=time.perf_counter() - started, **result_args)
+        return JobResult(
+            "complete", chunks_run=len(mine), samples_run=samples, seconds=time.perf_counter() - started, **result_args
+        )
     finally:
         group.close()
         if not isinstance(manifest, Manifest):
@@ -238,16 +252,24 @@ def _check_params(m, method, chunk_size, dtype, top_k, temperature, alpha, tol, 
         raise ValueError(f"eps={eps}: must be > 0")
     dispatch.check_backend_name(backend)
     return {
-        "dtype": dtype, "top_k": top_k, "temperature": temperature,
-        "alpha": None if alpha is None else float(alpha), "tol": None if tol is None else float(tol),
-        "max_iter": max_iter, "eps": float(eps), "backend": backend,
+        "dtype": dtype,
+        "top_k": top_k,
+        "temperature": temperature,
+        "alpha": None if alpha is None else float(alpha),
+        "tol": None if tol is None else float(tol),
+        "max_iter": max_iter,
+        "eps": float(eps),
+        "backend": backend,
     }
 
 
 def _resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={str(device)!r}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}: CUDA is not available in this process")
     if dev.type not in ("cpu", "cuda"):
@@ -257,8 +279,14 @@ def _resolve_device(device) -> torch.device:
 
 def _fingerprint(m: Manifest, method: str, params: dict) -> dict:
     """Everything the stored result depends on, except the chunk size (kept by the job itself)."""
-    return {"format": FORMAT, "manifest": m.digest, "method": method, "num_samples": m.num_samples,
-            "num_classes": m.num_classes, **params}
+    return {
+        "format": FORMAT,
+        "manifest": m.digest,
+        "method": method,
+        "num_samples": m.num_samples,
+        "num_classes": m.num_classes,
+        **params,
+    }
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -342,7 +370,11 @@ def _done_chunks(paths: dict, count: int, chunk_size: int, num_samples: int) -> 
         if not isinstance(rec, dict) or not isinstance(rec.get("chunk"), int):
             continue
         k = rec["chunk"]
-        if 0 <= k < count and rec.get("start") == k * chunk_size and rec.get("stop") == min(num_samples, (k + 1) * chunk_size):
+        if (
+            0 <= k < count
+            and rec.get("start") == k * chunk_size
+            and rec.get("stop") == min(num_samples, (k + 1) * chunk_size)
+        ):
             done[k] = rec
     return done
 
@@ -355,14 +387,19 @@ def _remove_outputs(paths: dict) -> None:
         shutil.rmtree(paths["partial"])
 
 
-def _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, world_size) -> dict:
-    """Rank 0: decide what to do with existing files, create the partial job, list pending chunks."""
+def _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, device) -> dict:
+    """Rank 0: decide what to do with existing files, create the partial job, list pending chunks.
+
+    ``backend="auto"`` is resolved here, once, and kept by the job: every rank and every resume
+    then runs the same backend, so the result does not depend on where each chunk ran.
+    """
     values, partial = paths["values"], paths["partial"]
     finals = [p for p in (values, paths["indices"], paths["sidecar"]) if p is not None and p.exists()]
     if force:
         _remove_outputs(paths)
         finals = []
     job = _read_json(partial / "job.json") if partial.is_dir() else None
+    job = job if isinstance(job, dict) else None
     if finals:
         side = _read_json(paths["sidecar"])
         ours = isinstance(side, dict) and side.get("format") == FORMAT
@@ -370,24 +407,40 @@ def _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, w
             size = side.get("parameters", {}).get("chunk_size", 1)
             total = -(-m.num_samples // size)
             return {"status": "already complete", "chunks_total": total, "pending": []}
-        renamed = job is not None and job.get("fingerprint") == fingerprint and not (partial / "data.npy").exists()
-        if not (resume and renamed):  # (a job killed between renaming its data and writing its sidecar)
+        # A job killed between moving its data into place and writing its sidecar: --resume finishes it.
+        renamed = job is not None and not (partial / "data.npy").exists()
+        if not renamed:
             if ours and side.get("fingerprint") is not None:
                 diff = _differences(side["fingerprint"], fingerprint)
-                raise JobError(f"{values} holds the result of a different job (differs in {diff}); "
-                               "pass --force to overwrite it")
+                raise JobError(
+                    f"{values} holds the result of a different job (differs in {diff}); pass --force to overwrite it"
+                )
             raise JobError(f"{finals[0]} already exists; pass --force to overwrite it")
     if job is not None and not force:
         if not resume:
             raise JobError(f"{partial} holds an interrupted job; pass --resume to finish it or --force to start over")
         if job.get("fingerprint") != fingerprint:
             diff = _differences(job.get("fingerprint") or {}, fingerprint)
-            raise JobError(f"cannot resume {partial}: it was started with different inputs or settings "
-                           f"(differs in {diff}); pass --force to start over")
-        if chunk_size is not None and chunk_size != job["chunk_size"]:
-            raise JobError(f"cannot resume with chunk_size={chunk_size}: the job was started with "
-                           f"chunk_size={job['chunk_size']} (omit it to keep that one)")
-        size = int(job["chunk_size"])
+            raise JobError(
+                f"cannot resume {partial}: it was started with different inputs or settings "
+                f"(differs in {diff}); pass --force to start over"
+            )
+        size = job.get("chunk_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise JobError(f"{partial / 'job.json'} is damaged (chunk_size={size!r}); pass --force to start over")
+        if chunk_size is not None and chunk_size != size:
+            raise JobError(
+                f"cannot resume with chunk_size={chunk_size}: the job was started with "
+                f"chunk_size={size} (omit it to keep that one)"
+            )
+        backend = job.get("backend")
+        try:
+            dispatch.select(backend, device, method)
+        except (RuntimeError, ValueError) as err:
+            raise JobError(
+                f"cannot resume {partial}: it was started with backend {backend!r}, which cannot run here ({err}); "
+                "its results would differ in rounding: resume where it can run, or pass --force to start over"
+            ) from None
         if (partial / "data.npy").exists():
             for key, (dt, shape) in _shapes(m, params).items():
                 _npy_offset(partial / f"{key if key == 'indices' else 'data'}.npy", dt, shape)
@@ -396,21 +449,29 @@ def _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, w
         if partial.exists():
             shutil.rmtree(partial)
         size = chunk_size or default_chunk_size(m)
+        backend = dispatch.select(params["backend"], device, method).name
         values.parent.mkdir(parents=True, exist_ok=True)
         (partial / "chunks").mkdir(parents=True)
         for key, (dt, shape) in _shapes(m, params).items():
             _create_npy(partial / f"{key if key == 'indices' else 'data'}.npy", dt, shape)
-        _write_json_atomic(partial / "job.json", {
-            "fingerprint": fingerprint, "chunk_size": size, "method": method,
-            "started": _now(), "manifest": str(m.path.resolve()) if m.path else None,
-        })
+        _write_json_atomic(
+            partial / "job.json",
+            {
+                "fingerprint": fingerprint,
+                "chunk_size": size,
+                "backend": backend,
+                "method": method,
+                "started": _now(),
+                "manifest": str(m.path.resolve()) if m.path else None,
+            },
+        )
         _fsync_dir(partial)
     total = -(-m.num_samples // size)
     done = _done_chunks(paths, total, size, m.num_samples)
     pending = [k for k in range(total) if k not in done]
     if done:
         log.info("resuming %s: %d of %d chunks already done", values, len(done), total)
-    return {"status": "run", "chunk_size": size, "chunks_total": total, "pending": pending}
+    return {"status": "run", "chunk_size": size, "backend": backend, "chunks_total": total, "pending": pending}
 
 
 def _finalise(m, paths, method, params, fingerprint, size, plan, world_size) -> None:
@@ -444,8 +505,10 @@ def _finalise(m, paths, method, params, fingerprint, size, plan, world_size) -> 
         "files": {"values": paths["values"].name, "indices": paths["indices"].name if paths["indices"] else None},
         "parameters": {**params, "chunk_size": size},
         "manifest": {"path": str(m.path.resolve()) if m.path else None, "digest": m.digest},
-        "teachers": [{"name": t.name, "kind": t.kind, "weight": t.weight, "classes": len(t.classes),
-                      "outputs": str(t.path)} for t in m.teachers],
+        "teachers": [
+            {"name": t.name, "kind": t.kind, "weight": t.weight, "classes": len(t.classes), "outputs": str(t.path)}
+            for t in m.teachers
+        ],
         "summary": _summary(records, m.num_samples),
         "chunks": records,
         "world_size": world_size,
@@ -459,15 +522,19 @@ def _finalise(m, paths, method, params, fingerprint, size, plan, world_size) -> 
 
 
 def _summary(records: list[dict], num_samples: int) -> dict:
-    summary = {"samples": num_samples, "chunks": len(records),
-               "backends": sorted({r["backend"] for r in records}),
-               "compute_seconds": round(sum(r["seconds"] for r in records), 6)}
+    summary = {
+        "samples": num_samples,
+        "chunks": len(records),
+        "backends": sorted({r["backend"] for r in records}),
+        "compute_seconds": round(sum(r["seconds"] for r in records), 6),
+    }
     if records and "not_converged" in records[0]:
         summary["not_converged"] = sum(r["not_converged"] for r in records)
         summary["max_residual"] = max(r["residual_max"] for r in records)
         summary["max_iterations"] = max(r["iterations_max"] for r in records)
         summary["mean_iterations"] = sum(r["iterations_mean"] * (r["stop"] - r["start"]) for r in records) / max(
-            1, num_samples)
+            1, num_samples
+        )
     return summary
 
 
@@ -532,7 +599,7 @@ def _run_chunks(m, paths, method, params, size, chunks, device, group, progress,
         return 0
     files = {key: paths["partial"] / ("indices.npy" if key == "indices" else "data.npy") for key in _shapes(m, params)}
     offsets = {key: _npy_offset(files[key], *_shapes(m, params)[key]) for key in files}
-    handles = {key: open(files[key], "r+b", buffering=0) for key in files}  # noqa: SIM115
+    handles = {key: open(files[key], "r+b", buffering=0) for key in files}
     out_dtype = OUT_DTYPES[params["dtype"]]
     width = params["top_k"] or m.num_classes
     span = [(k * size, min(m.num_samples, (k + 1) * size)) for k in chunks]
@@ -553,7 +620,7 @@ def _run_chunks(m, paths, method, params, size, chunks, device, group, progress,
             if j + 1 < len(chunks):
                 future = reader.submit((j + 1) % 2, *span[j + 1])
             tick = time.perf_counter()
-            soft, info = _solve_chunk(m, method, params, tensors, start)
+            soft, info = _solve_chunk(m, method, params, plan["backend"], tensors, start)
             if params["top_k"]:
                 values, index = torch.topk(soft, params["top_k"], dim=1)
                 blocks = {"values": values, "indices": index.to(torch.int32)}
@@ -571,13 +638,24 @@ def _run_chunks(m, paths, method, params, size, chunks, device, group, progress,
             for h in handles.values():
                 os.fsync(h.fileno())
             _maybe_die(k, "after-write")
-            record = {"chunk": k, "start": start, "stop": stop, "rank": group.rank, "backend": info["backend"],
-                      "alpha": info["alpha"], "seconds": round(seconds, 6)}
+            record = {
+                "chunk": k,
+                "start": start,
+                "stop": stop,
+                "rank": group.rank,
+                "backend": info["backend"],
+                "alpha": info["alpha"],
+                "seconds": round(seconds, 6),
+            }
             if method in ITERATIVE:
                 it, res = info["iterations"].double(), info["residual"].double()
-                record.update(iterations_max=int(it.max()), iterations_mean=round(float(it.mean()), 4),
-                              residual_max=float(res.max()), not_converged=int((~info["converged"]).sum()),
-                              tol=info["tol"])
+                record.update(
+                    iterations_max=int(it.max()),
+                    iterations_mean=round(float(it.mean()), 4),
+                    residual_max=float(res.max()),
+                    not_converged=int((~info["converged"]).sum()),
+                    tol=info["tol"],
+                )
             _write_json_atomic(_chunk_record_path(paths, k), record)
             _maybe_die(k, "after-record")
             done += stop - start
@@ -605,16 +683,26 @@ def _write_rows(handle, offset: int, data: np.ndarray, k: int) -> None:
         written += handle.write(view[written:])
 
 
-def _solve_chunk(m: Manifest, method: str, params: dict, tensors: list[torch.Tensor], start: int):
+def _solve_chunk(m: Manifest, method: str, params: dict, backend: str, tensors: list[torch.Tensor], start: int):
     """One chunk through :func:`uhc_fast.estimate`, with errors naming the teacher and global sample."""
     try:
         arrays, inputs = _unify_kinds(m, method, tensors, params["eps"])
         soft, info = estimate(
-            arrays, m.teacher_set, method, inputs=inputs, weights=m.weights, temperature=params["temperature"],
-            alpha=params["alpha"], tol=params["tol"], max_iter=params["max_iter"], eps=params["eps"],
-            backend=params["backend"], return_info=True,
+            arrays,
+            m.teacher_set,
+            method,
+            inputs=inputs,
+            weights=m.weights,
+            temperature=params["temperature"],
+            alpha=params["alpha"],
+            tol=params["tol"],
+            max_iter=params["max_iter"],
+            eps=params["eps"],
+            backend=backend,
+            return_info=True,
         )
     except ValueError as err:
+
         def name(match):
             i, row = int(match[1]), int(match[2])
             return f"teacher {i} ({m.teachers[i].name!r}), sample {start + row}"
@@ -634,8 +722,10 @@ def _unify_kinds(m: Manifest, method: str, tensors: list[torch.Tensor], eps: flo
         return tensors, next(iter(kinds))
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if METHODS[method] == "probs":
-        return [torch.softmax(x.to(dtype), dim=1) if t.kind == "logits" else x
-                for x, t in zip(tensors, m.teachers, strict=True)], "probs"
+        return [
+            torch.softmax(x.to(dtype), dim=1) if t.kind == "logits" else x
+            for x, t in zip(tensors, m.teachers, strict=True)
+        ], "probs"
     converted = []
     for i, (x, t) in enumerate(zip(tensors, m.teachers, strict=True)):
         if t.kind == "probs":
