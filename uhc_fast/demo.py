@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +60,11 @@ class DemoConfig:
         hidden: width of the student's (and centralised model's) hidden layer.
         batch_size, lr, weight_decay: Adam mini-batch training of the torch models.
         balance: train the soft-label students with :func:`uhc_fast.class_balance_weights`.
+        eps: probabilities are clamped to it before the logit-space methods (``mf-lf``, ``mf-lu``)
+            take logs; None uses :func:`uhc_fast.estimate`'s default, which keeps the teachers' far
+            tails (see docs/demo.md).
         methods: the estimation methods to compare.
+        backend: the uhc_fast backend for estimation and for :class:`uhc_fast.UHCLoss`.
         seed: base seed; split ``s`` uses ``seed + s``.
         threads: torch / BLAS threads (1 keeps results identical across machines).
     """
@@ -69,8 +73,8 @@ class DemoConfig:
     teachers: int = 8
     min_classes: int = 3
     max_classes: int = 6
-    test_fraction: float = 0.3
-    unlabelled_fraction: float = 0.5
+    test_fraction: float = 0.25
+    unlabelled_fraction: float = 0.4
     student_epochs: int = 80
     teacher_epochs: int = 60
     hidden: int = 128
@@ -78,6 +82,8 @@ class DemoConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     balance: bool = False
+    eps: float | None = None
+    backend: str = "auto"
     methods: tuple[str, ...] = tuple(METHODS)
     seed: int = 0
     threads: int = 1
@@ -117,9 +123,11 @@ class SplitResult:
     class_sets: list[list[int]]
     architectures: list[str]
     teacher_accuracy: list[float]  # each teacher on the test images of its own classes
+    sizes: dict[str, int] = field(default_factory=dict)  # images in "pool", "unlabelled", "test"
     student_accuracy: dict[str, float] = field(default_factory=dict)  # row -> test accuracy
     label_accuracy: dict[str, float] = field(default_factory=dict)  # method -> argmax acc on U
     iterations: dict[str, float] = field(default_factory=dict)  # iterative method -> mean iterations
+    backends: dict[str, str] = field(default_factory=dict)  # method -> the backend that estimated it
 
 
 @dataclass
@@ -148,7 +156,7 @@ class _MLP(nn.Module):
     def __init__(self, widths: Sequence[int], num_out: int, dropout: float = 0.1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:], strict=True):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
         layers.append(nn.Linear(widths[-1], num_out))
         self.net = nn.Sequential(*layers)
@@ -223,18 +231,20 @@ class _TorchTeacher:
 
 
 def _make_teacher(arch: str, config: DemoConfig, seed: int):
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.svm import SVC
 
     if arch == "logreg":
-        return LogisticRegression(C=1.0, max_iter=2000)
+        return LogisticRegression(C=10.0, max_iter=2000)
     if arch == "mlp-small":
         return MLPClassifier((32,), alpha=1e-3, max_iter=600, random_state=seed)
     if arch == "mlp-large":
         return MLPClassifier((256,), alpha=1e-3, max_iter=600, random_state=seed)
     if arch == "svm-rbf":
-        return SVC(C=10.0, gamma="scale", probability=True, random_state=seed)
+        # Platt-scaled probabilities, fitted on held-out folds and applied to one SVM on all data.
+        return CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), cv=3, ensemble=False)
     if arch == "mlp-deep":
         return _TorchTeacher(lambda k: _MLP([64, 128, 64], k), config, seed)
     if arch == "cnn":
@@ -255,8 +265,11 @@ def draw_class_sets(rng: np.random.Generator, config: DemoConfig) -> list[list[i
     """Random overlapping class subsets: every class covered by >= 2 sources, overlap graph connected."""
     for _ in range(10_000):
         sets = [
-            sorted(rng.choice(NUM_CLASSES, size=int(rng.integers(config.min_classes, config.max_classes + 1)),
-                              replace=False).tolist())
+            sorted(
+                rng.choice(
+                    NUM_CLASSES, size=int(rng.integers(config.min_classes, config.max_classes + 1)), replace=False
+                ).tolist()
+            )
             for _ in range(config.teachers)
         ]
         coverage = np.zeros(NUM_CLASSES, dtype=int)
@@ -294,38 +307,72 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------- one split
-def run_split(x: np.ndarray, y: np.ndarray, config: DemoConfig, split: int, progress: _Progress) -> SplitResult:
-    """Teachers -> soft labels with every method -> students, for one random split."""
+@dataclass
+class SplitData:
+    """One split's indices into the digits and its sources' class sets."""
+
+    seed: int
+    test: np.ndarray  # (n_test,) indices of the held-out test images
+    pool: np.ndarray  # (n_pool,) the sources' labelled images
+    unlabelled: np.ndarray  # (B,) the unlabelled set
+    owner: np.ndarray  # (n_pool,) which source holds each pool image
+    class_sets: list[list[int]]
+    architectures: list[str]
+
+
+def make_split(y: np.ndarray, config: DemoConfig, split: int) -> SplitData:
+    """Test / labelled pool / unlabelled set, the sources' class subsets, and who holds which image."""
     from sklearn.model_selection import train_test_split
 
     seed = config.seed + split
     rng = np.random.default_rng(seed)
     idx = np.arange(len(y))
     rest, test = train_test_split(idx, test_size=config.test_fraction, stratify=y, random_state=seed)
-    pool, unlabelled = train_test_split(
-        rest, test_size=config.unlabelled_fraction, stratify=y[rest], random_state=seed
-    )
+    pool, unlabelled = train_test_split(rest, test_size=config.unlabelled_fraction, stratify=y[rest], random_state=seed)
     class_sets = draw_class_sets(rng, config)
     archs = [ARCHITECTURES[i % len(ARCHITECTURES)] for i in range(config.teachers)]
-
     # Each labelled image goes to one source, chosen among those whose class set holds its class:
     # the sources' data are private and disjoint.
     covering = [[i for i, s in enumerate(class_sets) if c in s] for c in range(NUM_CLASSES)]
     owner = np.array([covering[c][rng.integers(len(covering[c]))] for c in y[pool]])
+    return SplitData(seed, test, pool, unlabelled, owner, class_sets, archs)
 
-    x_u, y_u = x[unlabelled], y[unlabelled]
-    outputs, teacher_acc = [], []
-    for i, (classes, arch) in enumerate(zip(class_sets, archs, strict=True)):
-        mine = pool[owner == i]
+
+def train_teachers(
+    x: np.ndarray, y: np.ndarray, data: SplitData, config: DemoConfig, progress: _Progress | None = None
+) -> tuple[list[np.ndarray], list[float]]:
+    """Train each source's classifier on its own images and classes.
+
+    Returns:
+        ``outputs``: per teacher ``(B, |L_i|)`` float64 probabilities on the unlabelled set, columns
+        in the order of ``data.class_sets[i]``; ``accuracy``: per teacher, its accuracy on the test
+        images of its own classes.
+    """
+    outputs, accuracy = [], []
+    x_u = x[data.unlabelled]
+    for i, (classes, arch) in enumerate(zip(data.class_sets, data.architectures, strict=True)):
+        mine = data.pool[data.owner == i]
         local = {c: j for j, c in enumerate(classes)}
-        teacher = _make_teacher(arch, config, seed * 100 + i).fit(x[mine], np.array([local[c] for c in y[mine]]))
+        teacher = _make_teacher(arch, config, data.seed * 100 + i)
+        teacher.fit(x[mine], np.array([local[c] for c in y[mine]]))
         outputs.append(teacher.predict_proba(x_u))
-        seen = test[np.isin(y[test], classes)]
+        seen = data.test[np.isin(y[data.test], classes)]
         pred = np.asarray(classes)[teacher.predict_proba(x[seen]).argmax(1)]
-        teacher_acc.append(float((pred == y[seen]).mean()))
-        progress.step(f"split {split + 1}: teacher {i + 1}/{config.teachers} ({arch}, classes {classes})")
+        accuracy.append(float((pred == y[seen]).mean()))
+        if progress is not None:
+            split = data.seed - config.seed + 1
+            progress.step(f"split {split}: teacher {i + 1}/{config.teachers} ({arch}, classes {classes})")
+    return outputs, accuracy
 
-    result = SplitResult(seed, class_sets, archs, teacher_acc)
+
+def run_split(x: np.ndarray, y: np.ndarray, config: DemoConfig, split: int, progress: _Progress) -> SplitResult:
+    """Teachers -> soft labels with every method -> students, for one random split."""
+    data = make_split(y, config, split)
+    seed, test, pool, class_sets = data.seed, data.test, data.pool, data.class_sets
+    outputs, teacher_acc = train_teachers(x, y, data, config, progress)
+    x_u, y_u = x[data.unlabelled], y[data.unlabelled]
+    sizes = {"pool": len(pool), "unlabelled": len(data.unlabelled), "test": len(test)}
+    result = SplitResult(seed, class_sets, data.architectures, teacher_acc, sizes)
     teachers = TeacherSet(class_sets, num_classes=NUM_CLASSES)
     xt_u = torch.from_numpy(x_u).float()
     xt_test, yt_test = torch.from_numpy(x[test]).float(), torch.from_numpy(y[test])
@@ -334,35 +381,48 @@ def run_split(x: np.ndarray, y: np.ndarray, config: DemoConfig, split: int, prog
     torch.manual_seed(seed)
     y_pool = torch.from_numpy(y[pool])
     central = _train(
-        _student(config), torch.from_numpy(x[pool]).float(),
-        lambda logits, idx: nn.functional.cross_entropy(logits, y_pool[idx]), config, config.student_epochs, seed,
+        _student(config),
+        torch.from_numpy(x[pool]).float(),
+        lambda logits, idx: nn.functional.cross_entropy(logits, y_pool[idx]),
+        config,
+        config.student_epochs,
+        seed,
     )
     result.student_accuracy[CENTRALISED] = _accuracy(central, xt_test, yt_test)
     progress.step(f"split {split + 1}: centralised model")
 
     for method in config.methods:
-        soft, info = estimate(outputs, teachers, method, return_info=True)
+        extra = {} if config.eps is None else {"eps": config.eps}
+        soft, info = estimate(outputs, teachers, method, backend=config.backend, return_info=True, **extra)
         soft = torch.as_tensor(soft, dtype=torch.float32)
         result.label_accuracy[method] = float((soft.argmax(1).numpy() == y_u).mean())
+        result.backends[method] = info["backend"]
         if "iterations" in info:
             result.iterations[method] = float(np.mean(np.asarray(info["iterations"])))
         weights = class_balance_weights(soft) if config.balance else None
         torch.manual_seed(seed)
         student = _train(
-            _student(config), xt_u,
+            _student(config),
+            xt_u,
             lambda logits, idx, soft=soft, weights=weights: distillation_loss(logits, soft[idx], weights),
-            config, config.student_epochs, seed,
+            config,
+            config.student_epochs,
+            seed,
         )
         result.student_accuracy[method] = _accuracy(student, xt_test, yt_test)
         progress.step(f"split {split + 1}: student on {method} soft labels")
 
     # The direct variant: the ce objective on the student's own logits, no soft labels in between.
-    loss = UHCLoss(teachers)
+    loss = UHCLoss(teachers, backend=config.backend)
     tensors = [torch.from_numpy(o).float() for o in outputs]
     torch.manual_seed(seed)
     student = _train(
-        _student(config), xt_u, lambda logits, idx: loss(logits, [t[idx] for t in tensors]),
-        config, config.student_epochs, seed,
+        _student(config),
+        xt_u,
+        lambda logits, idx: loss(logits, [t[idx] for t in tensors]),
+        config,
+        config.student_epochs,
+        seed,
     )
     result.student_accuracy[DIRECT] = _accuracy(student, xt_test, yt_test)
     progress.step(f"split {split + 1}: student trained with UHCLoss")
@@ -396,9 +456,13 @@ def run(config: DemoConfig | None = None, progress: bool = True) -> DemoResult:
 
 
 # ---------------------------------------------------------------------- report
+def _std(values: np.ndarray) -> float:
+    """Sample standard deviation over the splits (0 for a single split)."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def _fmt(values: np.ndarray) -> str:
-    spread = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return f"{100 * values.mean():5.1f} ± {100 * spread:3.1f}"
+    return f"{100 * values.mean():5.1f} ± {100 * _std(values):3.1f}"
 
 
 def format_table(result: DemoResult) -> str:
@@ -421,14 +485,21 @@ def format_report(result: DemoResult) -> str:
     c = result.config
     teacher = np.array([a for s in result.splits for a in s.teacher_accuracy])
     sizes = [len(cs) for s in result.splits for cs in s.class_sets]
+    balance = "on" if c.balance else "off"
+    eps = "" if c.eps is None else f", eps {c.eps:g}"
+    n = result.splits[0].sizes
     head = (
         f"uhc-fast demo: scikit-learn digits (1797 images, 10 classes), {c.splits} random splits, "
         f"{c.teachers} sources with {min(sizes)}-{max(sizes)} classes each "
-        f"({', '.join(ARCHITECTURES[: min(c.teachers, len(ARCHITECTURES))])}), "
-        f"class balancing {'on' if c.balance else 'off'}.\n"
+        f"({', '.join(ARCHITECTURES[: min(c.teachers, len(ARCHITECTURES))])}), class balancing {balance}{eps}.\n"
+        f"Images per split: {n['pool']} labelled (split among the sources), {n['unlabelled']} unlabelled, "
+        f"{n['test']} test.\n"
         f"Teachers' accuracy on test images of their own classes: {_fmt(teacher)} %.\n"
+        f"Estimation backends: {', '.join(sorted(set(result.splits[0].backends.values())))}.\n"
     )
-    iters = {m: np.mean([s.iterations[m] for s in result.splits]) for m in c.methods if m in result.splits[0].iterations}
+    iters = {
+        m: np.mean([s.iterations[m] for s in result.splits]) for m in c.methods if m in result.splits[0].iterations
+    }
     tail = "\nMean solver iterations: " + ", ".join(f"{m} {v:.1f}" for m, v in iters.items()) if iters else ""
     return head + "\n" + format_table(result) + "\n" + tail + f"\n({result.seconds:.0f} s)"
 
@@ -442,23 +513,36 @@ def plot(result: DemoResult, path: Path) -> Path:
 
     rows = [r for r in result.rows() if r != CENTRALISED]
     pos = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     central = result.student(CENTRALISED)
-    ax.axhspan(100 * (central.mean() - central.std()), 100 * (central.mean() + central.std()), color="0.85")
+    ax.axhspan(100 * (central.mean() - _std(central)), 100 * (central.mean() + _std(central)), color="0.85")
     ax.axhline(100 * central.mean(), color="0.3", ls="--", label="centralised, supervised")
     acc = [result.student(r) for r in rows]
-    ax.bar(pos - 0.2, [100 * a.mean() for a in acc], 0.4, yerr=[100 * a.std() for a in acc], capsize=3,
-           label="student test accuracy", color="tab:blue")
+    ax.bar(
+        pos - 0.2,
+        [100 * a.mean() for a in acc],
+        0.4,
+        yerr=[100 * _std(a) for a in acc],
+        capsize=3,
+        label="student test accuracy",
+        color="tab:blue",
+    )
     lab = [result.labels(r) if r in result.config.methods else None for r in rows]
-    ax.bar(pos[[a is not None for a in lab]] + 0.2, [100 * a.mean() for a in lab if a is not None], 0.4,
-           yerr=[100 * a.std() for a in lab if a is not None], capsize=3, color="tab:orange",
-           label="argmax of soft labels on unlabelled set")
+    ax.bar(
+        pos[[a is not None for a in lab]] + 0.2,
+        [100 * a.mean() for a in lab if a is not None],
+        0.4,
+        yerr=[100 * _std(a) for a in lab if a is not None],
+        capsize=3,
+        color="tab:orange",
+        label="argmax of soft labels on unlabelled set",
+    )
     ax.set_xticks(pos, [r.replace(DIRECT, "ce direct\n(UHCLoss)") for r in rows])
     low = min(min(a.mean() for a in acc), central.mean()) * 100
     ax.set_ylim(max(0, math.floor(low / 5) * 5 - 5), 100)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Unifying heterogeneous classifiers on digits ({result.config.splits} splits, mean ± std)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -474,8 +558,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teachers", type=int, help=f"number of sources (default {d.teachers})")
     parser.add_argument("--epochs", type=int, help=f"student training epochs (default {d.student_epochs})")
     parser.add_argument("--methods", help="comma-separated methods (default: all)")
-    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
-                        help="class-balancing weights in the students' loss (default off)")
+    parser.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="class-balancing weights in the students' loss (default off)",
+    )
+    parser.add_argument("--eps", type=float, help="probability floor before logs in mf-lf/mf-lu (default: estimate's)")
+    parser.add_argument("--backend", help=f"uhc_fast backend (default {d.backend})")
     parser.add_argument("--seed", type=int, help=f"base random seed (default {d.seed})")
     parser.add_argument("--threads", type=int, help=f"torch/BLAS threads (default {d.threads}: reproducible)")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the plot and JSON (default: .)")
@@ -488,8 +578,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     base = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {
-        "splits": args.splits, "teachers": args.teachers, "student_epochs": args.epochs, "balance": args.balance,
-        "seed": args.seed, "threads": args.threads,
+        "splits": args.splits,
+        "teachers": args.teachers,
+        "student_epochs": args.epochs,
+        "balance": args.balance,
+        "eps": args.eps,
+        "backend": args.backend,
+        "seed": args.seed,
+        "threads": args.threads,
         "methods": tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
     }
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -522,8 +618,9 @@ def _command(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add the ``demo`` subcommand to the ``uhc-fast`` CLI."""
     parser = subparsers.add_parser(
-        "demo", help="reproduce the paper's claim on scikit-learn's digits",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "demo",
+        help="reproduce the paper's claim on scikit-learn's digits",
+        description=__doc__.split("\n\n")[0],
     )
     _add_arguments(parser)
     parser.set_defaults(func=_command)
@@ -537,5 +634,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     sys.exit(main())
