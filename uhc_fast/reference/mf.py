@@ -156,9 +156,10 @@ def solve_mf_lu(problem: PackedProblem, tol: float | None = None, max_iter: int 
     The normal matrix's u-block is diagonal, so each step eliminates u and solves a 2N x 2N
     Schur complement in ``(c, v)``: ``O(sum_l d_l^2 + N^3)`` per sample, quadratic convergence on
     consistent teachers. A small Levenberg term handles the two gauge directions (scale and
-    shift of u), a backtracking line search keeps every step a descent, and ``v`` is kept
-    ``>= 0``. The residual is the largest gradient entry in ``(u, c, v)``, divided by the total
-    weight, after the gauge is reset.
+    shift of u), a backtracking line search keeps every step a descent, and ``v`` stays ``>= 0``
+    (a scale at its bound whose gradient points outward is held there for the step). The residual
+    is the largest diagonally scaled gradient entry (a coordinate Newton step) after the gauge is
+    reset: in logits for u and c, relative to ``1 + mean |z|``, and in v's own units.
     """
     z, layout = problem.values, problem.layout
     tol = default_tol(z.dtype) if tol is None else tol
@@ -184,6 +185,7 @@ def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
     v = torch.ones_like(c)
     dense_c = ti * classes + ci  # packed column -> position in the c rows of a (2N, K) matrix
     dense_v = dense_c + teachers * classes  # ... and in the v rows
+    count = layout.mask_as(z.dtype).sum(dim=1)
 
     def objective(z_, u_, c_, v_):
         r = z_ - v_[:, ti] * u_[:, ci] - c_[:, ti]
@@ -202,31 +204,37 @@ def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
         grad_u = scatter_classes(wt * vt * r, layout)
         grad_c = segment_sum(wt * r, layout)
         grad_v = segment_sum(wt * ug * r, layout)
-        grad_v_proj = torch.where((va <= 0) & (grad_v < 0), 0, grad_v)  # v at its bound, pushed outward
-        residual[active] = (
-            torch.stack([grad_u.abs().amax(dim=1), grad_c.abs().amax(dim=1), grad_v_proj.abs().amax(dim=1)]).amax(dim=0)
-            / total
-        )
+        pinned = (va <= 0) & (grad_v <= 0)  # v at its bound, pushed outward: held there this step
+        grad_v = torch.where(pinned, 0, grad_v)
+        # J^T W J = [[A, X], [X^T, C]]: A diagonal over classes, C block-diagonal over teachers
+        a = torch.where(covered, scatter_classes(wt * vt * vt, layout), 1)
+        cc = (w * count).expand(za.shape[0], -1)
+        cv = torch.where(pinned, 0, segment_sum(wt * ug, layout))
+        vv = torch.where(pinned, 1, segment_sum(wt * ug * ug, layout))
+        # residual: the largest diagonally scaled (coordinate Newton) step, u and c relative to the logits' scale
+        logit_scale = 1 + za.abs().mean(dim=1)
+        residual[active] = torch.stack(
+            [
+                (grad_u / a).abs().amax(dim=1) / logit_scale,
+                (grad_c / cc).abs().amax(dim=1) / logit_scale,
+                (grad_v / vv.clamp_min(tiny)).abs().amax(dim=1),
+            ]
+        ).amax(dim=0)
         u[active], v[active] = ua, va
         keep = residual[active] > tol
         if step == max_iter or not bool(keep.any()):
             break
-        active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v = (
-            x[keep] for x in (active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v)
+        active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v, pinned, a, cc, cv, vv = (
+            x[keep] for x in (active, za, ua, ca, va, ug, vt, grad_u, grad_c, grad_v, pinned, a, cc, cv, vv)
         )
         b = active.numel()
 
-        # J^T W J = [[A, X], [X^T, C]]: A diagonal over classes, C block-diagonal over teachers
-        a = scatter_classes(wt * vt * vt, layout)
-        cc = (w * layout.mask_as(z.dtype).sum(dim=1)).expand(b, -1)
-        cv = segment_sum(wt * ug, layout)
-        vv = segment_sum(wt * ug * ug, layout)
         # Levenberg term: fixes the gauge directions, sized to the precision
         damping = 1e-2 * eps**0.5 * (cc.mean(dim=1, keepdim=True) + vv.mean(dim=1, keepdim=True))
-        a = torch.where(covered, a, 1) + damping
+        a = a + damping
         x = z.new_zeros(b, 2 * teachers * classes)
         x[:, dense_c] = wt * vt
-        x[:, dense_v] = wt * vt * ug
+        x[:, dense_v] = torch.where(pinned[:, ti], 0, wt * vt * ug)
         x = x.view(b, 2 * teachers, classes)
         schur = torch.diag_embed(torch.cat([cc, vv], dim=1) + damping)
         schur[:, :teachers, teachers:] += torch.diag_embed(cv)
