@@ -109,13 +109,21 @@ def select(backend: str, device: torch.device, method: str | None = None, *, nee
     return load("torch")
 
 
+def _built(name: str) -> bool | None:
+    """Whether a compiled backend's extension exists (None for backends with nothing to build)."""
+    try:
+        return importlib.import_module(_LOCATIONS[name][0]).built(name)
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None
+
+
 def info() -> dict:
     """Each backend with ``available`` (usable in this process) and, when not, ``reason``."""
     report = {}
     for name in BACKEND_NAMES[1:]:
         candidate = load(name)
         if isinstance(candidate, str):
-            report[name] = {"available": False, "reason": candidate}
+            report[name] = {"available": False, "built": _built(name), "reason": candidate}
         else:
             entry = {"available": True, "devices": list(candidate.device_types), "methods": sorted(candidate.solvers)}
             entry.update(candidate.details)

@@ -8,6 +8,7 @@ the ``alpha`` prior appended as one more teacher when it is in use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,18 +103,20 @@ def convert_outputs(outputs: Sequence, teachers: TeacherSet, inputs: str) -> Con
 
 
 def _check_values(i: int, x: torch.Tensor, inputs: str) -> None:
-    if x.numel() == 0:
+    if x.numel() == 0 or torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
         return
-    # whole-tensor reductions first (cheap); locate the row only when something is wrong
-    if not bool(torch.isfinite(x).all()):
-        row = int(torch.nonzero(~torch.isfinite(x).all(dim=1))[0])
-        raise ValueError(f"teacher {i}, row {row}: outputs contain NaN or Inf")
+    # One pass: NaN/Inf anywhere in a row make its float64 sum non-finite. Rows are located only
+    # when something is wrong.
+    sums = x.sum(dim=1, dtype=torch.float64)
+    if not bool(torch.isfinite(sums).all()):
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):  # (otherwise the sum overflowed on finite values)
+            raise ValueError(f"teacher {i}, row {int(torch.nonzero(bad)[0])}: outputs contain NaN or Inf")
     if inputs != "probs":
         return
     if bool(x.min() < 0):
         row = int(torch.nonzero((x < 0).any(dim=1))[0])
         raise ValueError(f"teacher {i}, row {row}: negative probability (did you mean inputs='logits'?)")
-    sums = x.sum(dim=1, dtype=torch.float64)
     if bool((sums == 0).any()):
         row = int(torch.nonzero(sums == 0)[0])
         raise ValueError(f"teacher {i}, row {row}: all probabilities are zero")
@@ -149,7 +152,7 @@ def resolve_alpha(alpha: float | None, teachers: TeacherSet) -> float:
         teachers.warn_if_disconnected()
         return DEFAULT_DISCONNECTED_ALPHA
     alpha = float(alpha)
-    if not (alpha >= 0 and np.isfinite(alpha)):
+    if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha={alpha}: must be finite and >= 0")
     if alpha == 0:
         teachers.warn_if_disconnected()
@@ -174,7 +177,7 @@ def pack(
     """
     converted = convert_outputs(outputs, teachers, inputs)
     temperature = float(temperature)
-    if not (temperature > 0 and np.isfinite(temperature)):
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature={temperature}: must be finite and > 0")
     dtype, device = converted.compute_dtype, converted.device
     w = resolve_weights(weights, teachers, dtype, device)
