@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..inputs import PackedProblem
-from .common import Solution, default_tol, evidence, masked_gram, row_chunks
+from .common import Solution, backtrack, default_tol, evidence, masked_gram, row_chunks
 
 DEFAULT_MAX_ITER = 100
-_ARMIJO = 1e-4
-_MAX_HALVINGS = 40
 
 
 def solve_ce(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
@@ -88,20 +86,12 @@ def _newton(n, mask, weights, tol, max_iter):
         hess = hess + total / mask.shape[0] + (eps * total) * eye  # gauge + a whisper of ridge
         delta = torch.linalg.solve(hess, -grad)
 
-        f0 = _dual(ta, na, mask, weights)
-        slope = (grad * delta).sum(dim=1)
-        slack = 16 * eps * f0.abs()  # near the optimum F is flat to rounding
-        scale = torch.ones_like(f0)
-        accepted = torch.zeros_like(f0, dtype=torch.bool)
-        t_new = ta.clone()
-        for _ in range(_MAX_HALVINGS):
-            cand = ta + scale.unsqueeze(1) * delta
-            ok = ~accepted & (_dual(cand, na, mask, weights) <= f0 + _ARMIJO * scale * slope + slack)
-            t_new[ok] = cand[ok]
-            accepted |= ok
-            if bool(accepted.all()):
-                break
-            scale = torch.where(accepted, scale, scale / 2)
-        t[active] = t_new
+        (t[active],) = backtrack(
+            lambda step: (ta + step.unsqueeze(1) * delta,),
+            lambda cand: _dual(cand, na, mask, weights),
+            _dual(ta, na, mask, weights),
+            (grad * delta).sum(dim=1),
+            (ta,),
+        )
         iterations[active] += 1
     return q, iterations, residual

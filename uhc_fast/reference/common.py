@@ -57,6 +57,30 @@ def masked_gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (mask * x.unsqueeze(1)) @ mask.T
 
 
+def backtrack(candidate, objective, f0: torch.Tensor, slope: torch.Tensor, current: tuple, max_halvings: int = 40):
+    """Batched Armijo backtracking: per sample, the first ``t`` in ``1, 1/2, 1/4, ...`` with
+    ``objective(*candidate(t)) <= f0 + 1e-4 t slope``, up to a rounding slack (near an optimum the
+    objective is flat to rounding, and a full step must still be taken there).
+
+    ``candidate(t)`` maps step lengths ``(b,)`` to a tuple of ``(b, ...)`` tensors; samples that
+    accept no step keep ``current``. Returns the accepted tuple.
+    """
+    slack = 16 * torch.finfo(f0.dtype).eps * f0.abs()
+    t = torch.ones_like(f0)
+    accepted = torch.zeros_like(f0, dtype=torch.bool)
+    new = tuple(x.clone() for x in current)
+    for _ in range(max_halvings):
+        cand = candidate(t)
+        ok = ~accepted & (objective(*cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
+        for target, value in zip(new, cand):
+            target[ok] = value[ok]
+        accepted |= ok
+        if bool(accepted.all()):
+            break
+        t = torch.where(accepted, t, t / 2)
+    return new
+
+
 def row_chunks(batch: int, per_row_elements: int, budget: int = 1 << 24):
     """Split ``range(batch)`` so one chunk's largest temporary stays near ``budget`` elements."""
     step = max(1, budget // max(1, per_row_elements))

@@ -9,7 +9,7 @@ import torch
 
 from ..inputs import PackedProblem, scatter_classes, segment_sum
 from .ce import solve_ce
-from .common import Solution, default_tol, masked_softmax, row_chunks
+from .common import Solution, backtrack, default_tol, masked_softmax, row_chunks
 
 DEFAULT_MAX_ITER = 100
 
@@ -79,7 +79,7 @@ def _mf_p_newton(p, q, layout, w, tol, max_iter):
     ci, ti = layout.class_index, layout.teacher_index
     batch, teachers, classes = p.shape[0], layout.num_teachers, layout.num_classes
     wt, total = w[ti], w.sum()
-    tiny, eps = torch.finfo(p.dtype).tiny, torch.finfo(p.dtype).eps
+    tiny = torch.finfo(p.dtype).tiny
     dense_index = ti * classes + ci  # packed column -> position in a (N, K) matrix
 
     def fit(v):  # A_l, B_l for the optimal q given v
@@ -127,22 +127,14 @@ def _mf_p_newton(p, q, layout, w, tol, max_iter):
         delta = torch.cholesky_solve(-grad.unsqueeze(2), factor).squeeze(2)
         delta = torch.where((failed != 0).unsqueeze(1), v_of(qg) - va, delta)
 
-        f0 = objective(va)
-        slope = (grad * delta).sum(dim=1)
-        slack = 16 * eps * f0.abs()
         floor = 1e-12 * va.amax(dim=1, keepdim=True)
-        t = torch.ones_like(f0)
-        accepted = torch.zeros_like(f0, dtype=torch.bool)
-        v_new = va.clone()
-        for _ in range(40):
-            cand = (va + t.unsqueeze(1) * delta).clamp_min(floor)
-            ok = ~accepted & (objective(cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
-            v_new[ok] = cand[ok]
-            accepted |= ok
-            if bool(accepted.all()):
-                break
-            t = torch.where(accepted, t, t / 2)
-        v[active] = v_new
+        (v[active],) = backtrack(
+            lambda step: ((va + step.unsqueeze(1) * delta).clamp_min(floor),),
+            objective,
+            objective(va),
+            (grad * delta).sum(dim=1),
+            (va,),
+        )
         iterations[active] += 1
     return q, iterations, residual
 
@@ -246,25 +238,16 @@ def _mf_lu_gauss_newton(z, u, c, layout, w, tol, max_iter):
         step_u = (grad_u - (x.transpose(1, 2) @ step_cv.unsqueeze(2)).squeeze(2)) / a
         step_c, step_v = step_cv[:, :teachers], step_cv[:, teachers:]
 
-        f0 = objective(za, ua, ca, va)
-        slope = -2 * ((grad_u * step_u).sum(dim=1) + (grad_c * step_c).sum(dim=1) + (grad_v * step_v).sum(dim=1))
-        slack = 16 * eps * f0.abs()
-        t = torch.ones_like(f0)
-        accepted = torch.zeros_like(f0, dtype=torch.bool)
-        new = [ua.clone(), ca.clone(), va.clone()]
-        for _ in range(40):
-            cand = (
-                ua + t.unsqueeze(1) * step_u,
-                ca + t.unsqueeze(1) * step_c,
-                (va + t.unsqueeze(1) * step_v).clamp_min(0),
-            )
-            ok = ~accepted & (objective(za, *cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
-            for target, value in zip(new, cand):
-                target[ok] = value[ok]
-            accepted |= ok
-            if bool(accepted.all()):
-                break
-            t = torch.where(accepted, t, t / 2)
-        u[active], c[active], v[active] = new
+        u[active], c[active], v[active] = backtrack(
+            lambda step: (
+                ua + step.unsqueeze(1) * step_u,
+                ca + step.unsqueeze(1) * step_c,
+                (va + step.unsqueeze(1) * step_v).clamp_min(0),
+            ),
+            lambda *cand: objective(za, *cand),
+            objective(za, ua, ca, va),
+            -2 * ((grad_u * step_u).sum(dim=1) + (grad_c * step_c).sum(dim=1) + (grad_v * step_v).sum(dim=1)),
+            (ua, ca, va),
+        )
         iterations[active] += 1
     return u, iterations, residual
