@@ -1,0 +1,72 @@
+// uhc_fast._native_cpu: the OpenMP launcher. One sample per loop iteration, samples spread over
+// threads; each thread owns one scratch buffer for the whole call (no allocation in the loop).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "bindings.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class Acc, class In>
+void launch_cpu(const uhc::Problem<Acc, In>& prob, int threads) {
+  const int64_t elements = uhc::scratch_elements(prob.method, prob.s.N, prob.s.K);
+  // iteration counts differ between samples: hand out small chunks dynamically
+  const bool iterative = prob.method == uhc::kCE || prob.method == uhc::kMFP || prob.method == uhc::kMFLU;
+  const int64_t chunk = iterative ? 4 : 64;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    std::vector<Acc> scratch(static_cast<size_t>(elements));
+    const uhc::Dense<Acc> work{scratch.data()};
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, chunk)
+#endif
+    for (int64_t b = 0; b < prob.batch; ++b) uhc::solve_sample(prob, b, work);
+  }
+  (void)threads;
+  (void)chunk;
+}
+
+void solve(int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t nnz, uintptr_t values,
+           int64_t row_stride, int64_t col_stride, uintptr_t offsets, uintptr_t class_index, uintptr_t cls_ptr,
+           uintptr_t cls_col, uintptr_t cls_teacher, int64_t G, uintptr_t class_group, uintptr_t grp_ptr,
+           uintptr_t grp_teacher, uintptr_t weights, uintptr_t gplus, double tol, int64_t max_iter,
+           int64_t ce_max_iter, uintptr_t soft, uintptr_t iterations, uintptr_t residual, int threads) {
+  const uhc::Args args{method, dtype, batch, N, K, nnz, values, row_stride, col_stride, offsets, class_index,
+                       cls_ptr, cls_col, cls_teacher, G, class_group, grp_ptr, grp_teacher, weights, gplus, tol,
+                       max_iter, ce_max_iter, soft, iterations, residual};
+  threads = std::max(1, threads);
+  uhc::dispatch_dtype(args, [threads](const auto& prob) { launch_cpu(prob, threads); });
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native_cpu, m) {
+  m.doc() = "uhc_fast CPU backend: per-sample solvers over raw pointers, OpenMP over samples";
+  m.def("solve", &solve, "Solve B packed problems (see uhc_fast/native.py for the argument contract).", UHC_SOLVE_ARGS,
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("max_threads", &max_threads, "OpenMP's default thread count (1 without OpenMP).");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  m.attr("scratch_elements") = py::cpp_function(&uhc::scratch_elements);
+}

@@ -1,0 +1,28 @@
+// Host-side interface of the CUDA launcher (kernels.cu), callable from code that does not include
+// the CUDA headers (module.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "bindings.h"
+
+namespace uhc {
+
+// Threads to launch and workspace bytes for one call; the caller allocates the workspace.
+struct Plan {
+  int64_t threads;
+  int64_t workspace_bytes;
+};
+Plan cuda_plan(int method, int dtype, int64_t batch, int64_t N, int64_t K);
+
+// Enqueue the solve on `stream` (a cudaStream_t as an integer) of device `device`.
+void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads);
+
+// Devices the CUDA runtime linked into this module sees, or a negative CUDA error code.
+int cuda_device_count();
+// The runtime's message for a CUDA error code.
+const char* cuda_error_string(int code);
+// The CUDA runtime version this module was built with (e.g. 13000).
+int cuda_runtime_version();
+
+}  // namespace uhc
