@@ -93,6 +93,15 @@ def grid_rows(batch: int, rows_per_program: int | None, device: torch.device) ->
     return max(1, triton.cdiv(batch, rows_per_program)), rows_per_program
 
 
+def solution_buffers(batch: int, num_classes: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """What an iterative kernel writes: soft labels ``(B, K)``, iterations ``(B,)`` int32, residual ``(B,)``."""
+    return (
+        torch.empty(batch, num_classes, dtype=dtype, device=device),
+        torch.zeros(batch, dtype=torch.int32, device=device),
+        torch.zeros(batch, dtype=dtype, device=device),
+    )
+
+
 def device_function(fn):
     """``triton.jit`` for device functions, except under the interpreter.
 

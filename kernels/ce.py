@@ -27,6 +27,7 @@ from ._common import (
     map_tile,
     rmax,
     rsum,
+    solution_buffers,
     spd_solve,
     teacher_scales,
 )
@@ -273,9 +274,7 @@ def ce(
     batch, nnz = values.shape
     torch_dt, tl_dt = compute_dtype(values.dtype)
     device = values.device
-    out = torch.empty(batch, cmap.shape[1], dtype=torch_dt, device=device)
-    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
-    residual = torch.zeros(batch, dtype=torch_dt, device=device)
+    out, iterations, residual = solution_buffers(batch, cmap.shape[1], torch_dt, device)
     if batch == 0:
         return out, iterations, residual
     bn = block_n(cmap.shape[0])

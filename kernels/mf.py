@@ -33,6 +33,7 @@ from ._common import (
     map_tile,
     rmax,
     rsum,
+    solution_buffers,
     spd_solve,
     spd_solve_many,
 )
@@ -589,9 +590,7 @@ def mf_p(
     """``(B, nnz)`` packed probabilities -> ``(soft (B, K), iterations (B,), residual (B,))``."""
     batch, nnz, torch_dt, tl_dt, bn, bk, grid, rows = _launch_common(values, cmap, rows_per_program)
     device = values.device
-    out = torch.empty(batch, cmap.shape[1], dtype=torch_dt, device=device)
-    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
-    residual = torch.zeros(batch, dtype=torch_dt, device=device)
+    out, iterations, residual = solution_buffers(batch, cmap.shape[1], torch_dt, device)
     if batch == 0:
         return out, iterations, residual
     finfo = torch.finfo(torch_dt)
@@ -631,9 +630,7 @@ def mf_lu(
     """``(B, nnz)`` packed logits -> ``(soft (B, K), iterations (B,), residual (B,))``."""
     batch, nnz, torch_dt, tl_dt, bn, bk, grid, rows = _launch_common(values, cmap, rows_per_program)
     device = values.device
-    out = torch.empty(batch, cmap.shape[1], dtype=torch_dt, device=device)
-    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
-    residual = torch.zeros(batch, dtype=torch_dt, device=device)
+    out, iterations, residual = solution_buffers(batch, cmap.shape[1], torch_dt, device)
     if batch == 0:
         return out, iterations, residual
     finfo = torch.finfo(torch_dt)
