@@ -232,8 +232,3 @@ def segment_logsumexp(values: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``(B, nnz) -> (B, N)``: per-teacher logsumexp, stable for extreme values."""
     top = segment_max(values, layout)
     return torch.log(segment_sum(torch.exp(values - top[:, layout.teacher_index]), layout)) + top
-
-
-def segment_softmax(values: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Softmax of each teacher's packed columns among themselves."""
-    return torch.exp(values - segment_logsumexp(values, layout)[:, layout.teacher_index])
