@@ -158,8 +158,8 @@ struct Sample {
 
   // KKT residual max_l |q_l sum_{i covers l} w_i / S_i(q) - n_l| / sum_i w_i at the primal point of
   // t, with q_l = n_l / (D_g Z); fills qg (group mass, unnormalised), s_i and returns Z too.
-  UHC_HD Acc ce_residual(Buf t, Buf r, Buf Ng, Buf Mg, Buf qg, Buf si, Acc& Z) const {
-    Acc top;
+  // Leaves r = exp(t - top) and top for the derivatives and the dual at the same t.
+  UHC_HD Acc ce_residual(Buf t, Buf r, Buf Ng, Buf Mg, Buf qg, Buf si, Acc& Z, Acc& top) const {
     ce_scaled(t, r, top);
     Z = 0;
     for (int i = 0; i < s.N; ++i) si[i] = 0;
@@ -184,6 +184,10 @@ struct Sample {
   UHC_HD Acc ce_dual(Buf t, Buf Ng, Buf r) const {
     Acc top;
     ce_scaled(t, r, top);
+    return ce_dual_scaled(t, Ng, r, top);
+  }
+  // The same with r = exp(t - top) already computed.
+  UHC_HD Acc ce_dual_scaled(Buf t, Buf Ng, Buf r, Acc top) const {
     Acc f = 0;
     for (int g = 0; g < s.G; ++g)
       if (Ng[g] != Acc(0)) f += Ng[g] * (ulog(group_d(r, g)) + top);
@@ -191,11 +195,10 @@ struct Sample {
     return f;
   }
 
-  // Gradient g and gauge-fixed Hessian H of F at t (H = diag(a) - r r^T o C + total/N + ridge).
-  UHC_HD void ce_derivatives(Buf t, Buf Ng, Buf r, Buf a, Buf grad, Buf H) const {
+  // Gradient g and gauge-fixed Hessian H of F at the t whose r = exp(t - max t) is given
+  // (H = diag(a) - r r^T o C + total/N + ridge).
+  UHC_HD void ce_derivatives(Buf Ng, Buf r, Buf a, Buf grad, Buf H) const {
     const int N = s.N;
-    Acc top;
-    ce_scaled(t, r, top);
     for (int i = 0; i < N; ++i) a[i] = 0;
     for (int k = 0; k < N * N; ++k) H[k] = 0;
     for (int g = 0; g < s.G; ++g) {
@@ -247,15 +250,15 @@ struct Sample {
     for (int i = 0; i < N; ++i) t[i] = ulog(w[i]) - ulog(si[i] / sum);
     const Acc eps = Limits<Acc>::eps;
     Result<Acc> res{0, Acc(0)};
-    Acc Z = 1;
+    Acc Z = 1, top = 0;
     for (int step = 0;; ++step) {
-      res.residual = ce_residual(t, r, Ng, Mg, qg, si, Z);
+      res.residual = ce_residual(t, r, Ng, Mg, qg, si, Z, top);
       if (!(res.residual > tol) || step >= max_iter) break;
-      ce_derivatives(t, Ng, r, a, grad, H);
+      ce_derivatives(Ng, r, a, grad, H);  // r, top: still those of t
       for (int i = 0; i < N; ++i) delta[i] = -grad[i];
       if (!lu_solve<Acc>(H, delta, N))
         for (int i = 0; i < N; ++i) delta[i] = -grad[i];  // singular: fall back to steepest descent
-      const Acc f0 = ce_dual(t, Ng, r);
+      const Acc f0 = ce_dual_scaled(t, Ng, r, top);
       Acc slope = 0;
       for (int i = 0; i < N; ++i) slope += grad[i] * delta[i];
       const Acc slack = 16 * eps * uabs(f0);  // near the optimum F is flat to rounding
