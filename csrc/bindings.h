@@ -24,7 +24,7 @@ struct Args {
   int64_t row_stride, col_stride;
   uintptr_t offsets, class_index, cls_ptr, cls_col, cls_teacher;  // int32 structure arrays
   int64_t G;
-  uintptr_t class_group, grp_ptr, grp_teacher;  // int32 class groups
+  uintptr_t grp_cls_ptr, grp_cls, grp_ptr, grp_teacher;  // int32 class groups
   uintptr_t weights, gplus;  // accumulation dtype (float64 for float64 values, else float32)
   double tol;
   int64_t max_iter, ce_max_iter;
@@ -54,7 +54,8 @@ Problem<Acc, In> make_problem(const Args& a) {
                      reinterpret_cast<const int32_t*>(a.cls_col),
                      reinterpret_cast<const int32_t*>(a.cls_teacher),
                      static_cast<int32_t>(a.G),
-                     reinterpret_cast<const int32_t*>(a.class_group),
+                     reinterpret_cast<const int32_t*>(a.grp_cls_ptr),
+                     reinterpret_cast<const int32_t*>(a.grp_cls),
                      reinterpret_cast<const int32_t*>(a.grp_ptr),
                      reinterpret_cast<const int32_t*>(a.grp_teacher)};
   prob.values = reinterpret_cast<const In*>(a.values);
@@ -100,6 +101,6 @@ void dispatch_dtype(const Args& a, Launch&& launch) {
   py::arg("method"), py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("nnz"),              \
       py::arg("values"), py::arg("row_stride"), py::arg("col_stride"), py::arg("offsets"), py::arg("class_index"), \
       py::arg("cls_ptr"), py::arg("cls_col"), py::arg("cls_teacher"), py::arg("G"),        \
-      py::arg("class_group"), py::arg("grp_ptr"), py::arg("grp_teacher"), py::arg("weights"), py::arg("gplus"),        \
+      py::arg("grp_cls_ptr"), py::arg("grp_cls"), py::arg("grp_ptr"), py::arg("grp_teacher"), py::arg("weights"), py::arg("gplus"),        \
       py::arg("tol"), py::arg("max_iter"), py::arg("ce_max_iter"), py::arg("soft"), py::arg("iterations"),         \
       py::arg("residual")

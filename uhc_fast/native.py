@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -81,8 +81,9 @@ class Structure:
     ``offsets`` (N+1) and ``class_index`` (nnz) walk the packed columns teacher by teacher;
     ``cls_ptr`` (K+1), ``cls_col`` (nnz) and ``cls_teacher`` (nnz) walk them class by class
     (entries of class ``l`` at ``cls_ptr[l]:cls_ptr[l+1]``, teachers ascending). Classes covered by
-    the same teachers form a group (``ce`` iterates over groups, not classes): ``class_group`` (K),
-    and group ``g``'s teachers at ``grp_teacher[grp_ptr[g]:grp_ptr[g+1]]`` (ascending).
+    the same teachers form a group (``ce`` iterates over groups, not classes): group ``g``'s classes
+    are at ``grp_cls[grp_cls_ptr[g]:grp_cls_ptr[g+1]]`` and its teachers at
+    ``grp_teacher[grp_ptr[g]:grp_ptr[g+1]]`` (ascending).
     """
 
     offsets: torch.Tensor
@@ -90,7 +91,8 @@ class Structure:
     cls_ptr: torch.Tensor
     cls_col: torch.Tensor
     cls_teacher: torch.Tensor
-    class_group: torch.Tensor
+    grp_cls_ptr: torch.Tensor
+    grp_cls: torch.Tensor
     grp_ptr: torch.Tensor
     grp_teacher: torch.Tensor
 
@@ -101,7 +103,8 @@ class Structure:
             self.cls_ptr,
             self.cls_col,
             self.cls_teacher,
-            self.class_group,
+            self.grp_cls_ptr,
+            self.grp_cls,
             self.grp_ptr,
             self.grp_teacher,
         )
@@ -137,8 +140,12 @@ def _build_structure(layout: Layout, group: bool = True) -> Structure:
         sets, class_group = torch.unique(layout.mask.T > 0, dim=0, return_inverse=True)  # (G, N) teacher sets
         grp_ptr = torch.cat([counts.new_zeros(1), sets.sum(dim=1).cumsum(0)])
         grp_teacher = torch.nonzero(sets)[:, 1]  # row-major: ascending within a group
+        grp_cls = torch.sort(class_group, stable=True).indices
+        grp_sizes = torch.bincount(class_group, minlength=sets.shape[0])
+        grp_cls_ptr = torch.cat([counts.new_zeros(1), grp_sizes.cumsum(0)])
     else:  # every class its own group: the same arithmetic, without the data-dependent unique
-        class_group = torch.arange(layout.num_classes, device=ci.device)
+        grp_cls = torch.arange(layout.num_classes, device=ci.device)
+        grp_cls_ptr = torch.arange(layout.num_classes + 1, device=ci.device)
         grp_ptr, grp_teacher = cls_ptr, cls_teacher
     as32 = lambda t: t.to(torch.int32).contiguous()
     return Structure(
@@ -147,7 +154,8 @@ def _build_structure(layout: Layout, group: bool = True) -> Structure:
         as32(cls_ptr),
         as32(order),
         as32(cls_teacher),
-        as32(class_group),
+        as32(grp_cls_ptr),
+        as32(grp_cls),
         as32(grp_ptr),
         as32(grp_teacher),
     )
@@ -164,7 +172,7 @@ def _check(values, struct_tensors, weights, gplus, method) -> tuple[int, int, in
         raise TypeError(f"values: dtype {values.dtype} is not one of float16/bfloat16/float32/float64")
     if min(values.stride()) < 0:
         raise ValueError("values: negative strides are not supported")
-    names = ("offsets", "class_index", "cls_ptr", "cls_col", "cls_teacher", "class_group", "grp_ptr", "grp_teacher")
+    names = [field.name for field in fields(Structure)]
     for name, t in zip(names, struct_tensors, strict=True):
         if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
@@ -177,8 +185,9 @@ def _check(values, struct_tensors, weights, gplus, method) -> tuple[int, int, in
         raise ValueError(f"values has {values.shape[1]} columns, the layout has nnz={nnz}")
     if struct_tensors[3].numel() != nnz or struct_tensors[4].numel() != nnz:
         raise ValueError("cls_col and cls_teacher must have nnz entries")
-    if struct_tensors[5].numel() != k or not 1 <= struct_tensors[6].numel() - 1 <= k:
-        raise ValueError("class_group must have K entries and grp_ptr between 2 and K + 1")
+    groups = struct_tensors[7].numel() - 1
+    if not 1 <= groups <= k or struct_tensors[5].numel() != groups + 1 or struct_tensors[6].numel() != k:
+        raise ValueError("grp_ptr and grp_cls_ptr must have G + 1 entries (1 <= G <= K) and grp_cls K entries")
     acc = accumulation_dtype(values.dtype)
     if weights.shape != (n,) or weights.dtype != acc or not weights.is_contiguous() or weights.device != values.device:
         raise ValueError(
@@ -204,7 +213,7 @@ def _outputs(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz):
     soft, iterations, residual = outs
-    offsets, class_index, cls_ptr, cls_col, cls_teacher, class_group, grp_ptr, grp_teacher = struct_tensors
+    offsets, class_index, cls_ptr, cls_col, cls_teacher, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher = struct_tensors
     return dict(
         method=METHOD_CODES[method],
         dtype=DTYPE_CODES[values.dtype],
@@ -221,7 +230,8 @@ def _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter,
         cls_col=cls_col.data_ptr(),
         cls_teacher=cls_teacher.data_ptr(),
         G=grp_ptr.numel() - 1,
-        class_group=class_group.data_ptr(),
+        grp_cls_ptr=grp_cls_ptr.data_ptr(),
+        grp_cls=grp_cls.data_ptr(),
         grp_ptr=grp_ptr.data_ptr(),
         grp_teacher=grp_teacher.data_ptr(),
         weights=weights.data_ptr(),

@@ -1,7 +1,7 @@
 """``torch.library`` custom ops around the compiled kernels, so ``torch.compile`` sees one op.
 
-``torch.ops.uhc_fast.solve(values, offsets, class_index, cls_ptr, cls_col, cls_teacher, class_group,
-grp_ptr, grp_teacher, weights, gplus, method, tol, max_iter, ce_max_iter) -> (soft, iterations,
+``torch.ops.uhc_fast.solve(values, offsets, class_index, cls_ptr, cls_col, cls_teacher, grp_cls_ptr,
+grp_cls, grp_ptr, grp_teacher, weights, gplus, method, tol, max_iter, ce_max_iter) -> (soft, iterations,
 residual)`` runs the CPU kernels
 on CPU tensors and the CUDA kernels on CUDA tensors (see :func:`uhc_fast.native.solve_values` for
 the arguments). Its fake implementation gives the output shapes from the input shapes alone:
@@ -25,7 +25,8 @@ def solve(
     cls_ptr: torch.Tensor,
     cls_col: torch.Tensor,
     cls_teacher: torch.Tensor,
-    class_group: torch.Tensor,
+    grp_cls_ptr: torch.Tensor,
+    grp_cls: torch.Tensor,
     grp_ptr: torch.Tensor,
     grp_teacher: torch.Tensor,
     weights: torch.Tensor,
@@ -36,7 +37,7 @@ def solve(
     ce_max_iter: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft labels for packed ``values`` (B, nnz) with the compiled CPU kernels."""
-    structure = (offsets, class_index, cls_ptr, cls_col, cls_teacher, class_group, grp_ptr, grp_teacher)
+    structure = (offsets, class_index, cls_ptr, cls_col, cls_teacher, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher)
     return native.launch_cpu(values, structure, weights, gplus, method, tol, max_iter, ce_max_iter)
 
 
@@ -48,7 +49,8 @@ def _solve_cuda(
     cls_ptr,
     cls_col,
     cls_teacher,
-    class_group,
+    grp_cls_ptr,
+    grp_cls,
     grp_ptr,
     grp_teacher,
     weights,
@@ -58,7 +60,7 @@ def _solve_cuda(
     max_iter,
     ce_max_iter,
 ):
-    structure = (offsets, class_index, cls_ptr, cls_col, cls_teacher, class_group, grp_ptr, grp_teacher)
+    structure = (offsets, class_index, cls_ptr, cls_col, cls_teacher, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher)
     return native.launch_cuda(values, structure, weights, gplus, method, tol, max_iter, ce_max_iter)
 
 
@@ -70,7 +72,8 @@ def _solve_fake(
     cls_ptr,
     cls_col,
     cls_teacher,
-    class_group,
+    grp_cls_ptr,
+    grp_cls,
     grp_ptr,
     grp_teacher,
     weights,

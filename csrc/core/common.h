@@ -142,6 +142,13 @@ struct Strided {
   UHC_HD T& operator[](int64_t i) const { return p[i * stride]; }
   UHC_HD Strided at(int64_t offset) const { return Strided{p + offset * stride, stride}; }
 };
+// Exchange two views (a solver's current and candidate state) without copying their elements.
+template <class View>
+UHC_HD void swap_buffers(View& a, View& b) {
+  const View tmp = a;
+  a = b;
+  b = tmp;
+}
 
 // ------------------------------------------------------------------ mask structure
 // What depends only on the class sets (identical for every sample).
@@ -155,7 +162,8 @@ struct Structure {
   const int32_t* cls_col;      // (nnz): packed column of each entry, entries grouped by class
   const int32_t* cls_teacher;  // (nnz): teacher of each entry (ascending within a class)
   int32_t G;                   // groups: classes covered by the same set of teachers
-  const int32_t* class_group;  // (K): group of each class
+  const int32_t* grp_cls_ptr;  // (G+1): group g's classes are grp_cls[grp_cls_ptr[g] .. grp_cls_ptr[g+1]]
+  const int32_t* grp_cls;      // (K): classes grouped by group
   const int32_t* grp_ptr;      // (G+1): group g's teachers are grp_teacher[grp_ptr[g] .. grp_ptr[g+1]]
   const int32_t* grp_teacher;  // teachers of each group, ascending
 };
@@ -169,9 +177,9 @@ inline int64_t scratch_elements(int method, int64_t N, int64_t K) {
     case kSD:
       return K + 1;
     case kCE:
-      return 4 * K + 8 * N + N * N + 16;
-    case kMFP:
       return 6 * K + 8 * N + N * N + 16;
+    case kMFP:
+      return 8 * K + 8 * N + N * N + 16;
     case kMFLF:
       return 3 * K + 4 * N + 16;
     default:  // kMFLU

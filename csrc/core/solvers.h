@@ -48,38 +48,41 @@ UHC_HD bool lu_solve(Buf A, Buf b, int n) {
   return true;
 }
 
-// Cholesky factorisation in place (lower triangle); false where A is not positive definite,
-// the same test LAPACK's potrf (torch.linalg.cholesky_ex) applies.
+// Cholesky factorisation A = U^T U of a symmetric A in place: U's strict upper triangle and the
+// reciprocals of its diagonal overwrite A's upper triangle (the strict lower triangle is left
+// alone). False where A is not positive definite, the same test LAPACK's potrf
+// (torch.linalg.cholesky_ex) applies. Right-looking over rows: each step updates the trailing rows
+// with independent, contiguous multiply-adds, where the dot-product form would wait on one
+// accumulator per entry; keeping 1/U_jj turns the solve's divisions into multiplications.
 template <class Acc, class Buf>
 UHC_HD bool cholesky(Buf A, int n) {
   for (int j = 0; j < n; ++j) {
-    Acc d = A[j * n + j];
-    for (int k = 0; k < j; ++k) d -= A[j * n + k] * A[j * n + k];
+    const Acc d = A[j * n + j];
     if (!(d > Acc(0))) return false;
-    d = usqrt(d);
-    A[j * n + j] = d;
-    const Acc inv = Acc(1) / d;
+    const Acc inv = Acc(1) / usqrt(d);
+    A[j * n + j] = inv;
+    for (int k = j + 1; k < n; ++k) A[j * n + k] *= inv;
     for (int i = j + 1; i < n; ++i) {
-      Acc acc = A[i * n + j];
-      for (int k = 0; k < j; ++k) acc -= A[i * n + k] * A[j * n + k];
-      A[i * n + j] = acc * inv;
+      const Acc uji = A[j * n + i];
+      for (int k = i; k < n; ++k) A[i * n + k] -= uji * A[j * n + k];
     }
   }
   return true;
 }
 
-// Solve L L^T x = b with the factor from cholesky() (x overwrites b).
+// Solve U^T U x = b with the factor from cholesky() (x overwrites b), by rows of U forwards and
+// by columns backwards: both update b with independent multiply-adds.
 template <class Acc, class Buf>
-UHC_HD void cholesky_solve(Buf L, Buf b, int n) {
-  for (int i = 0; i < n; ++i) {
-    Acc acc = b[i];
-    for (int k = 0; k < i; ++k) acc -= L[i * n + k] * b[k];
-    b[i] = acc / L[i * n + i];
+UHC_HD void cholesky_solve(Buf U, Buf b, int n) {
+  for (int i = 0; i < n; ++i) {  // U^T y = b
+    const Acc yi = b[i] * U[i * n + i];
+    b[i] = yi;
+    for (int k = i + 1; k < n; ++k) b[k] -= U[i * n + k] * yi;
   }
-  for (int i = n - 1; i >= 0; --i) {
-    Acc acc = b[i];
-    for (int k = i + 1; k < n; ++k) acc -= L[k * n + i] * b[k];
-    b[i] = acc / L[i * n + i];
+  for (int i = n - 1; i >= 0; --i) {  // U x = y
+    const Acc xi = b[i] * U[i * n + i];
+    b[i] = xi;
+    for (int k = 0; k < i; ++k) b[k] -= U[k * n + i] * xi;
   }
 }
 
@@ -103,17 +106,35 @@ struct Sample {
   // ---------------------------------------------------------------- shared pieces
   UHC_HD bool covered(int l) const { return s.cls_ptr[l + 1] > s.cls_ptr[l]; }
 
-  UHC_HD void evidence(Buf n) const {  // n_l = sum_{i: l in L_i} w_i p_il, reading p in order
+  // n_l = sum_{i: l in L_i} w_i p_il, reading p in order. A teacher's classes are distinct
+  // (TeacherSet enforces it), so four updates can load before they store: the one-at-a-time loop
+  // stalls on the possible store-to-load dependence between neighbouring updates.
+  UHC_HD void evidence(Buf n) const {
     for (int l = 0; l < s.K; ++l) n[l] = 0;
-    for (int i = 0; i < s.N; ++i)
-      for (int j = s.offsets[i]; j < s.offsets[i + 1]; ++j) n[s.class_index[j]] += w[i] * p[j];
+    for (int i = 0; i < s.N; ++i) {
+      const Acc wi = w[i];
+      const int hi = s.offsets[i + 1];
+      int j = s.offsets[i];
+      for (; j + 4 <= hi; j += 4) {
+        const int c0 = s.class_index[j], c1 = s.class_index[j + 1], c2 = s.class_index[j + 2],
+                  c3 = s.class_index[j + 3];
+        const Acc n0 = n[c0] + wi * p[j], n1 = n[c1] + wi * p[j + 1], n2 = n[c2] + wi * p[j + 2],
+                  n3 = n[c3] + wi * p[j + 3];
+        n[c0] = n0, n[c1] = n1, n[c2] = n2, n[c3] = n3;
+      }
+      for (; j < hi; ++j) n[s.class_index[j]] += wi * p[j];
+    }
   }
 
   template <class V>
   UHC_HD void write_normalised(V q) const {  // out = q / sum(q)
-    Acc sum = 0;
-    for (int l = 0; l < s.K; ++l) sum += q[l];
-    for (int l = 0; l < s.K; ++l) out[l] = q[l] / sum;
+    Acc part[4] = {0, 0, 0, 0};  // four running sums: one would wait on every previous add
+    int l = 0;
+    for (; l + 4 <= s.K; l += 4)
+      for (int u = 0; u < 4; ++u) part[u] += q[l + u];
+    for (; l < s.K; ++l) part[0] += q[l];
+    const Acc sum = (part[0] + part[1]) + (part[2] + part[3]);
+    for (l = 0; l < s.K; ++l) out[l] = q[l] / sum;
   }
 
   UHC_HD void write_masked_softmax(Buf u) const {  // softmax over covered classes, 0 elsewhere
@@ -144,82 +165,72 @@ struct Sample {
   // Ng = sum_{l in g} n_l and max_{l in g} n_l: each Newton step costs O(sum_g |g|^2 + N^3),
   // independent of K. Per class work happens once, before and after the iterations.
 
-  // D_g (clamped like the reference) for r = exp(t - max t); fills r.
-  UHC_HD void ce_scaled(Buf t, Buf r, Acc& top) const {
-    top = t[0];
+  // At t: r = exp(t - top) with top = max t, and D_g = sum_{i in g} r_i clamped like the
+  // reference. Returns top. Everything else about a point is computed from r and D.
+  UHC_HD Acc ce_point(Buf t, Buf r, Buf D) const {
+    Acc top = t[0];
     for (int i = 1; i < s.N; ++i) top = umax(top, t[i]);
     for (int i = 0; i < s.N; ++i) r[i] = uexp(t[i] - top);
-  }
-  UHC_HD Acc group_d(Buf r, int g) const {
-    Acc d = 0;
-    for (int e = s.grp_ptr[g]; e < s.grp_ptr[g + 1]; ++e) d += r[s.grp_teacher[e]];
-    return umax(d, Limits<Acc>::tiny);
+    for (int g = 0; g < s.G; ++g) {
+      Acc d = 0;
+      for (int e = s.grp_ptr[g]; e < s.grp_ptr[g + 1]; ++e) d += r[s.grp_teacher[e]];
+      D[g] = umax(d, Limits<Acc>::tiny);
+    }
+    return top;
   }
 
-  // KKT residual max_l |q_l sum_{i covers l} w_i / S_i(q) - n_l| / sum_i w_i at the primal point of
-  // t, with q_l = n_l / (D_g Z); fills qg (group mass, unnormalised), s_i and returns Z too.
-  // Leaves r = exp(t - top) and top for the derivatives and the dual at the same t.
-  UHC_HD Acc ce_residual(Buf t, Buf r, Buf Ng, Buf Mg, Buf qg, Buf si, Acc& Z, Acc& top) const {
-    ce_scaled(t, r, top);
+  // KKT residual max_l |q_l sum_{i covers l} w_i / S_i(q) - n_l| / sum_i w_i at the primal point
+  // q_l = n_l / (D_g Z) of ce_point's D. Fills qg (group mass Ng / D_g, unnormalised), Z, the mass
+  // each teacher covers (mass_i = Z S_i, which the derivatives reuse) and si = w_i / S_i.
+  UHC_HD Acc ce_residual(Buf D, Buf Ng, Buf Mg, Buf qg, Buf mass, Buf si, Acc& Z) const {
     Z = 0;
-    for (int i = 0; i < s.N; ++i) si[i] = 0;
+    for (int i = 0; i < s.N; ++i) mass[i] = 0;
     for (int g = 0; g < s.G; ++g) {
-      const Acc mass = Ng[g] / group_d(r, g);
-      qg[g] = mass;
-      Z += mass;
-      for (int e = s.grp_ptr[g]; e < s.grp_ptr[g + 1]; ++e) si[s.grp_teacher[e]] += mass;
+      const Acc group_mass = Ng[g] / D[g];
+      qg[g] = group_mass;
+      Z += group_mass;
+      for (int e = s.grp_ptr[g]; e < s.grp_ptr[g + 1]; ++e) mass[s.grp_teacher[e]] += group_mass;
     }
-    for (int i = 0; i < s.N; ++i) si[i] = w[i] / (si[i] / Z);  // w_i / S_i
+    for (int i = 0; i < s.N; ++i) si[i] = w[i] / (mass[i] / Z);
     Acc worst = 0;
     for (int g = 0; g < s.G; ++g) {
       if (s.grp_ptr[g + 1] == s.grp_ptr[g]) continue;  // uncovered classes: q = n = 0
       Acc acc = 0;
       for (int e = s.grp_ptr[g]; e < s.grp_ptr[g + 1]; ++e) acc += si[s.grp_teacher[e]];
-      worst = umax(worst, Mg[g] * uabs(acc / (group_d(r, g) * Z) - Acc(1)));
+      worst = umax(worst, Mg[g] * uabs(acc / (D[g] * Z) - Acc(1)));
     }
     return worst / total;
   }
 
-  // F(t) = sum_g Ng log D_g(t) - sum_i w_i t_i, evaluated shift-safely.
-  UHC_HD Acc ce_dual(Buf t, Buf Ng, Buf r) const {
-    Acc top;
-    ce_scaled(t, r, top);
-    return ce_dual_scaled(t, Ng, r, top);
-  }
-  // The same with r = exp(t - top) already computed.
-  UHC_HD Acc ce_dual_scaled(Buf t, Buf Ng, Buf r, Acc top) const {
+  // F(t) = sum_g Ng log D_g(t) - sum_i w_i t_i, shift-safe, from ce_point's D and top.
+  UHC_HD Acc ce_dual(Buf t, Buf Ng, Buf D, Acc top) const {
     Acc f = 0;
     for (int g = 0; g < s.G; ++g)
-      if (Ng[g] != Acc(0)) f += Ng[g] * (ulog(group_d(r, g)) + top);
+      if (Ng[g] != Acc(0)) f += Ng[g] * (ulog(D[g]) + top);
     for (int i = 0; i < s.N; ++i) f -= w[i] * t[i];
     return f;
   }
 
-  // Gradient g and gauge-fixed Hessian H of F at the t whose r = exp(t - max t) is given
-  // (H = diag(a) - r r^T o C + total/N + ridge).
-  UHC_HD void ce_derivatives(Buf Ng, Buf r, Buf a, Buf grad, Buf H) const {
+  // Gradient g and gauge-fixed Hessian H of F from ce_point's r and D and ce_residual's qg and
+  // mass at the same point (H = diag(a) - r r^T o C + total/N + ridge, a_i = r_i mass_i).
+  UHC_HD void ce_derivatives(Buf r, Buf D, Buf qg, Buf mass, Buf grad, Buf H) const {
     const int N = s.N;
-    for (int i = 0; i < N; ++i) a[i] = 0;
     for (int k = 0; k < N * N; ++k) H[k] = 0;
     for (int g = 0; g < s.G; ++g) {
       const int lo = s.grp_ptr[g], hi = s.grp_ptr[g + 1];
-      const Acc d = group_d(r, g), x = Ng[g] / d, curvature = x / d;
+      const Acc curvature = qg[g] / D[g];
       // upper triangle only: teachers are ascending within a group
       for (int e = lo; e < hi; ++e) {
         const int ti = s.grp_teacher[e];
-        a[ti] += x;
         for (int f = e; f < hi; ++f) H[ti * N + s.grp_teacher[f]] += curvature;
       }
     }
     const Acc gauge = total / Acc(N), ridge = Limits<Acc>::eps * total;
-    for (int i = 0; i < N; ++i) {
-      a[i] *= r[i];
-      grad[i] = a[i] - w[i];
-    }
+    for (int i = 0; i < N; ++i) grad[i] = r[i] * mass[i] - w[i];
     for (int i = 0; i < N; ++i) {
       for (int j = i; j < N; ++j) {
         Acc h = gauge - r[i] * r[j] * H[i * N + j];
-        if (i == j) h += a[i] + ridge;
+        if (i == j) h += r[i] * mass[i] + ridge;
         H[i * N + j] = h;
         H[j * N + i] = h;
       }
@@ -227,21 +238,27 @@ struct Sample {
   }
 
   // Damped Newton on the dual (reference.ce._newton); writes the normalised q into `q` (K) and
-  // returns steps and residual. n: K scratch; gbuf: 3 G scratch; nbuf: 7 N + N^2 scratch.
+  // returns steps and residual. n: K scratch; gbuf: 5 G scratch; nbuf: 8 N + N^2 scratch.
+  // The candidate a line search accepts becomes the next iterate with its r, D and F, so each
+  // step evaluates exp, the group sums and log once per trial point and never twice.
   template <class Q>
   UHC_HD Result<Acc> ce_solve(Buf n, Q q, Buf gbuf, Buf nbuf, Acc tol, int max_iter) const {
-    const int N = s.N, K = s.K, G = s.G;
-    Buf Ng = gbuf, Mg = gbuf.at(G), qg = gbuf.at(2 * G);
-    Buf t = nbuf, r = nbuf.at(N), a = nbuf.at(2 * N), grad = nbuf.at(3 * N), delta = nbuf.at(4 * N),
-        cand = nbuf.at(5 * N), si = nbuf.at(6 * N), H = nbuf.at(7 * N);
+    const int N = s.N, G = s.G;
+    Buf Ng = gbuf, Mg = gbuf.at(G), qg = gbuf.at(2 * G), D = gbuf.at(3 * G), cand_D = gbuf.at(4 * G);
+    Buf t = nbuf, r = nbuf.at(N), mass = nbuf.at(2 * N), grad = nbuf.at(3 * N), delta = nbuf.at(4 * N),
+        cand = nbuf.at(5 * N), si = nbuf.at(6 * N), cand_r = nbuf.at(7 * N), H = nbuf.at(8 * N);
     evidence(n);
-    for (int g = 0; g < G; ++g) Ng[g] = 0, Mg[g] = 0;
+    // per-group sum and max of the evidence, walking each group's classes
     Acc sum = 0;
-    for (int l = 0; l < K; ++l) {
-      const int g = s.class_group[l];
-      Ng[g] += n[l];
-      Mg[g] = umax(Mg[g], n[l]);
-      sum += n[l];
+    for (int g = 0; g < G; ++g) {
+      Acc group_sum = 0, group_max = 0;
+      for (int e = s.grp_cls_ptr[g]; e < s.grp_cls_ptr[g + 1]; ++e) {
+        const Acc nl = n[s.grp_cls[e]];
+        group_sum += nl;
+        group_max = umax(group_max, nl);
+      }
+      Ng[g] = group_sum, Mg[g] = group_max;
+      sum += group_sum;
     }
     // start at sd (q = n / sum n): t_i = log w_i - log S_i(q)
     for (int i = 0; i < N; ++i) si[i] = 0;
@@ -250,38 +267,50 @@ struct Sample {
     for (int i = 0; i < N; ++i) t[i] = ulog(w[i]) - ulog(si[i] / sum);
     const Acc eps = Limits<Acc>::eps;
     Result<Acc> res{0, Acc(0)};
-    Acc Z = 1, top = 0;
+    Acc Z = 1, top = ce_point(t, r, D), f = 0;
+    bool have_f = false;  // F(t) is needed only once a step is taken
     for (int step = 0;; ++step) {
-      res.residual = ce_residual(t, r, Ng, Mg, qg, si, Z, top);
+      res.residual = ce_residual(D, Ng, Mg, qg, mass, si, Z);
       if (!(res.residual > tol) || step >= max_iter) break;
-      ce_derivatives(Ng, r, a, grad, H);  // r, top: still those of t
+      ce_derivatives(r, D, qg, mass, grad, H);
       for (int i = 0; i < N; ++i) delta[i] = -grad[i];
-      if (!lu_solve<Acc>(H, delta, N))
-        for (int i = 0; i < N; ++i) delta[i] = -grad[i];  // singular: fall back to steepest descent
-      const Acc f0 = ce_dual_scaled(t, Ng, r, top);
+      if (cholesky<Acc>(H, N)) {  // H is positive definite up to rounding: half the work of LU
+        cholesky_solve<Acc>(H, delta, N);
+      } else {
+        ce_derivatives(r, D, qg, mass, grad, H);  // cholesky overwrote H
+        if (!lu_solve<Acc>(H, delta, N))
+          for (int i = 0; i < N; ++i) delta[i] = -grad[i];  // singular: fall back to steepest descent
+      }
+      if (!have_f) f = ce_dual(t, Ng, D, top), have_f = true;
       Acc slope = 0;
       for (int i = 0; i < N; ++i) slope += grad[i] * delta[i];
-      const Acc slack = 16 * eps * uabs(f0);  // near the optimum F is flat to rounding
+      slope = umin(slope, Acc(0));
+      const Acc slack = 16 * eps * uabs(f);  // near the optimum F is flat to rounding
       Acc scale = 1;
       for (int h = 0; h < 40; ++h) {
         for (int i = 0; i < N; ++i) cand[i] = t[i] + scale * delta[i];
-        if (ce_dual(cand, Ng, r) <= f0 + Acc(1e-4) * scale * slope + slack) {
-          for (int i = 0; i < N; ++i) t[i] = cand[i];
+        const Acc cand_top = ce_point(cand, cand_r, cand_D), cand_f = ce_dual(cand, Ng, cand_D, cand_top);
+        if (cand_f <= f + Acc(1e-4) * scale * slope + slack) {
+          swap_buffers(t, cand), swap_buffers(r, cand_r), swap_buffers(D, cand_D);
+          top = cand_top, f = cand_f;
           break;
         }
         scale /= 2;
       }
       ++res.iterations;
     }
-    // q_l = n_l / (D_g Z) at the point the last residual was measured at (the loop stops right
-    // after measuring, so r and Z are current)
-    for (int g = 0; g < G; ++g) qg[g] = s.grp_ptr[g + 1] > s.grp_ptr[g] ? Acc(1) / (group_d(r, g) * Z) : Acc(0);
-    for (int l = 0; l < K; ++l) q[l] = n[l] * qg[s.class_group[l]];
+    // q_l = n_l / (D_g Z) at the point the last residual was measured at: scaled in scratch group
+    // by group, then written out in class order (sequential stores to the output)
+    for (int g = 0; g < G; ++g) {
+      const Acc scale = s.grp_ptr[g + 1] > s.grp_ptr[g] ? Acc(1) / (D[g] * Z) : Acc(0);
+      for (int e = s.grp_cls_ptr[g]; e < s.grp_cls_ptr[g + 1]; ++e) n[s.grp_cls[e]] *= scale;
+    }
+    for (int l = 0; l < s.K; ++l) q[l] = n[l];
     return res;
   }
 
   UHC_HD Result<Acc> ce(Acc tol, int max_iter) const {
-    Buf n = work, gbuf = work.at(s.K), nbuf = work.at(s.K + 3 * s.G);
+    Buf n = work, gbuf = work.at(s.K), nbuf = work.at(s.K + 5 * s.G);
     return ce_solve(n, Dense<Acc>{out}, gbuf, nbuf, tol, max_iter);
   }
 
@@ -318,7 +347,7 @@ struct Sample {
   // reference.mf._mf_p_newton from the ce estimate, with ce capped at ce_max_iter steps.
   UHC_HD Result<Acc> mfp(Acc tol, int max_iter, int ce_max_iter) const {
     const int N = s.N, K = s.K;
-    Buf n = work, q = work.at(K), Bl = work.at(2 * K), gbuf = work.at(3 * K), nbuf = work.at(3 * K + 3 * s.G);
+    Buf n = work, q = work.at(K), Bl = work.at(2 * K), gbuf = work.at(3 * K), nbuf = work.at(3 * K + 5 * s.G);
     ce_solve(n, q, gbuf, nbuf, tol, ce_max_iter);
     Buf v = nbuf, g = nbuf.at(N), delta = nbuf.at(2 * N), cand = nbuf.at(3 * N), e = nbuf.at(4 * N),
         sq = nbuf.at(5 * N), H = nbuf.at(6 * N);
