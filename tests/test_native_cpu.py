@@ -167,6 +167,36 @@ def test_groups_do_not_change_the_answer():
     torch.testing.assert_close(a[0], b[0], atol=1e-12, rtol=0)
 
 
+# ---------------------------------------------------------------- the CUDA launcher's grid, run on the CPU
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_grid_on_cpu_matches_the_cpu_backend_exactly(method, dtype):
+    """The GPU's per-thread path (16-bit values widened first, scratch interleaved across threads,
+    grid-stride loop) does the CPU backend's arithmetic, so the answers are identical for any grid,
+    including grids with fewer threads than samples and with idle threads."""
+    problem = make_problem(method, 13, 17, 5, 8)
+    values = problem.values.to(dtype)
+    acc = native.accumulation_dtype(dtype)
+    gplus = reference.mf_lf_system(pack_like(problem, values.to(acc))) if method in native.NEEDS_SYSTEM else None
+    for view in (values, values.t().contiguous().t()):
+        args = native.solve_arguments(view, problem.layout, problem.weights, method, gplus=gplus)
+        expected = native.launch_cpu(*args)
+        for grid_threads in (None, 1, 4, 13, 40):
+            got = native.launch_cuda_grid_on_cpu(*args, grid_threads=grid_threads)
+            for name, a, b in zip(("soft", "iterations", "residual"), got, expected, strict=True):
+                assert torch.equal(a, b), f"{name} differs with {grid_threads} grid threads"
+
+
+def test_cuda_grid_plan_caps_the_workspace():
+    module = native.load_module("cpu")
+    method, dtype = native.METHOD_CODES["mf-lu"], native.DTYPE_CODES[torch.float32]
+    per_thread = module.scratch_elements(method, 20, 1000) * 4
+    assert module.grid_plan(method, dtype, 100, 20, 1000) == (100, 100 * per_thread)  # one thread per sample
+    threads, nbytes = module.grid_plan(method, dtype, 10**9, 20, 1000)
+    assert nbytes == threads * per_thread <= 256 << 20 < (threads + 1) * per_thread
+    assert module.grid_plan(native.METHOD_CODES["sd"], dtype, 10**9, 2, 3)[0] == 1 << 20  # thread cap
+
+
 def test_argument_errors_name_the_argument():
     problem = make_problem("ce", 4, 9, 3, 12)
     parts = native.structure(problem.layout).tensors()

@@ -1,7 +1,8 @@
 """The compiled CUDA backend against the torch reference (needs a GPU: every test is ``gpu``-marked).
 
 Without a GPU these are skipped by conftest; the CUDA sources are still compiled by every build
-where nvcc exists, and ``test_native_cpu`` runs the same per-sample code on the CPU.
+where nvcc exists, and ``test_native_cpu`` runs the CUDA launcher's thread grid (interleaved
+scratch, grid-stride loop, the same per-sample code) on the CPU.
 """
 
 from __future__ import annotations

@@ -266,8 +266,7 @@ def launch_cuda(values, struct_tensors, weights, gplus, method, tol, max_iter, c
     n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
     if values.device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, values are on {values.device}")
-    if values.dtype in (torch.float16, torch.bfloat16):
-        values = values.float()  # the CUDA build instantiates float32/float64 only (compile time)
+    values = _cuda_values(values)
     outs = _outputs(values, k)
     if values.shape[0] > 0:
         args = _pointer_args(
@@ -287,7 +286,65 @@ def launch_cuda(values, struct_tensors, weights, gplus, method, tol, max_iter, c
     return outs
 
 
+def _cuda_values(values: torch.Tensor) -> torch.Tensor:
+    """What the CUDA kernels read: the CUDA build instantiates float32/float64 only (compile time)."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
+def launch_cuda_grid_on_cpu(
+    values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, grid_threads=None
+):
+    """The CUDA launcher run on the CPU: the same dtype handling, thread grid (``grid_threads``
+    emulated GPU threads, by default the launcher's own plan), interleaved scratch and grid-stride
+    loop as :func:`launch_cuda`, on CPU tensors. Tests use it to exercise the GPU's per-thread code
+    path where no GPU is lent; returns the same as :func:`launch_cpu`."""
+    module = load_module("cpu")
+    n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
+    if values.device.type != "cpu":
+        raise ValueError(f"the CUDA-grid emulation needs CPU tensors, values are on {values.device}")
+    values = _cuda_values(values)
+    outs = _outputs(values, k)
+    if values.shape[0] > 0:
+        args = _pointer_args(
+            values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz
+        )
+        if grid_threads is None:
+            grid_threads, _ = module.grid_plan(args["method"], args["dtype"], args["batch"], n, k)
+        module.solve_grid(**args, grid_threads=grid_threads, threads=torch.get_num_threads())
+    return outs
+
+
 # ---------------------------------------------------------------------- solvers
+def solve_arguments(
+    values: torch.Tensor,
+    layout: Layout,
+    weights: torch.Tensor,
+    method: str,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    gplus: torch.Tensor | None = None,
+) -> tuple:
+    """``(values, structure tensors, weights, gplus, method, tol, max_iter, ce_max_iter)``: the launch
+    functions' arguments for :func:`solve_values`' (defaults filled in, dtypes and devices matched)."""
+    acc = accumulation_dtype(values.dtype)
+    tol = default_tol(acc) if tol is None else float(tol)
+    max_iter = default_max_iter(method) if max_iter is None else int(max_iter)
+    weights = weights.to(device=values.device, dtype=acc).contiguous()
+    if gplus is None:
+        gplus = weights.new_zeros(0, 0)
+    gplus = gplus.to(device=values.device, dtype=acc).contiguous()
+    return (
+        values,
+        structure(layout).tensors(),
+        weights,
+        gplus,
+        method,
+        tol,
+        max_iter,
+        reference_ce.DEFAULT_MAX_ITER,
+    )
+
+
 def solve_values(
     values: torch.Tensor,
     layout: Layout,
@@ -305,19 +362,14 @@ def solve_values(
     ``values`` picks the CPU or CUDA kernels. Returns soft labels ``(B, K)`` in float64 for float64
     values, else float32; ``iterations``/``residual`` ``(B,)`` for the iterative methods, else None.
     """
-    acc = accumulation_dtype(values.dtype)
-    tol = default_tol(acc) if tol is None else float(tol)
-    max_iter = default_max_iter(method) if max_iter is None else int(max_iter)
-    weights = weights.to(device=values.device, dtype=acc).contiguous()
-    if gplus is None:
-        gplus = weights.new_zeros(0, 0)
-    gplus = gplus.to(device=values.device, dtype=acc).contiguous()
-    soft, iterations, residual = ops.solve(
-        values, *structure(layout).tensors(), weights, gplus, method, tol, max_iter, reference_ce.DEFAULT_MAX_ITER
-    )
-    if method in ITERATIVE:
-        return Solution(soft, iterations, residual)
-    return Solution(soft)
+    values, struct_tensors, *rest = solve_arguments(values, layout, weights, method, tol, max_iter, gplus)
+    return as_solution(method, ops.solve(values, *struct_tensors, *rest))
+
+
+def as_solution(method: str, outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Solution:
+    """A launch's ``(soft, iterations, residual)`` as a Solution (no iterations for one-shot methods)."""
+    soft, iterations, residual = outs
+    return Solution(soft, iterations, residual) if method in ITERATIVE else Solution(soft)
 
 
 def _solve_problem(method: str, problem: PackedProblem, tol: float | None = None, max_iter: int | None = None):

@@ -3,13 +3,15 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#include "bindings.h"
+#include "grid.h"
 
 namespace py = pybind11;
 
@@ -48,6 +50,35 @@ void solve(int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t n
   uhc::dispatch_dtype(args, [threads](const auto& prob) { launch_cpu(prob, threads); });
 }
 
+// The CUDA launcher's grid (csrc/grid.h) run on the CPU: `grid_threads` emulated GPU threads, each
+// with its interleaved slice of one workspace, spread over OpenMP threads.
+void solve_grid(int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t nnz, uintptr_t values,
+                int64_t row_stride, int64_t col_stride, uintptr_t offsets, uintptr_t class_index, uintptr_t cls_ptr,
+                uintptr_t cls_col, uintptr_t cls_teacher, int64_t G, uintptr_t grp_cls_ptr, uintptr_t grp_cls,
+                uintptr_t grp_ptr, uintptr_t grp_teacher, uintptr_t weights, uintptr_t gplus, double tol,
+                int64_t max_iter, int64_t ce_max_iter, uintptr_t soft, uintptr_t iterations, uintptr_t residual,
+                int64_t grid_threads, int threads) {
+  const uhc::Args args{method, dtype, batch, N, K, nnz, values, row_stride, col_stride, offsets, class_index,
+                       cls_ptr, cls_col, cls_teacher, G, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher, weights, gplus,
+                       tol, max_iter, ce_max_iter, soft, iterations, residual};
+  if (grid_threads < 1) throw std::invalid_argument("grid_threads must be >= 1");
+  threads = std::max(1, threads);
+  uhc::dispatch_dtype(args, [&](const auto& prob) {
+    using Acc = std::remove_pointer_t<decltype(prob.soft)>;
+    std::vector<Acc> workspace(static_cast<size_t>(grid_threads * uhc::scratch_elements(method, N, K)));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+#endif
+    for (int64_t tid = 0; tid < grid_threads; ++tid) uhc::solve_grid_thread(prob, workspace.data(), tid, grid_threads);
+  });
+  (void)threads;
+}
+
+py::tuple grid_plan(int method, int dtype, int64_t batch, int64_t N, int64_t K) {
+  const uhc::Plan p = uhc::grid_plan(method, dtype, batch, N, K);
+  return py::make_tuple(p.threads, p.workspace_bytes);
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -62,6 +93,11 @@ PYBIND11_MODULE(_native_cpu, m) {
   m.doc() = "uhc_fast CPU backend: per-sample solvers over raw pointers, OpenMP over samples";
   m.def("solve", &solve, "Solve B packed problems (see uhc_fast/native.py for the argument contract).", UHC_SOLVE_ARGS,
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("solve_grid", &solve_grid,
+        "solve() through the CUDA launcher's thread grid and interleaved scratch, run on the CPU (for tests).",
+        UHC_SOLVE_ARGS, py::arg("grid_threads"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("grid_plan", &grid_plan, "The CUDA launcher's (threads, workspace bytes) for a call.", py::arg("method"),
+        py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"));
   m.def("max_threads", &max_threads, "OpenMP's default thread count (1 without OpenMP).");
 #ifdef _OPENMP
   m.attr("openmp") = true;

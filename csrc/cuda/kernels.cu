@@ -1,10 +1,8 @@
 // The CUDA launcher: one thread per sample (grid-stride), running the same per-sample solvers as
-// the CPU backend (csrc/core/solvers.h). Each thread's scratch lives in a caller-allocated
-// workspace, interleaved across threads so that the threads of a warp read and write adjacent
-// addresses.
+// the CPU backend (csrc/core/solvers.h). The grid (thread count, interleaved workspace, what each
+// thread does) is csrc/grid.h, which the CPU module can also run on the CPU.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -15,14 +13,11 @@ namespace uhc {
 namespace {
 
 constexpr int kBlock = 128;
-constexpr int64_t kWorkspaceBudget = int64_t(256) << 20;  // bytes of scratch per call, at most
 
 template <class Acc, class In>
 __global__ void __launch_bounds__(kBlock) solve_kernel(Problem<Acc, In> prob, Acc* workspace, int64_t threads) {
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (tid >= threads) return;
-  const Strided<Acc> work{workspace + tid, threads};
-  for (int64_t b = tid; b < prob.batch; b += threads) solve_sample(prob, b, work);
+  if (tid < threads) solve_grid_thread(prob, workspace, tid, threads);
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -30,14 +25,6 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 }  // namespace
-
-Plan cuda_plan(int method, int dtype, int64_t batch, int64_t N, int64_t K) {
-  const int64_t element = dtype == kFloat64 ? 8 : 4;
-  const int64_t per_thread = scratch_elements(method, N, K) * element;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(batch, kWorkspaceBudget / per_thread));
-  threads = std::min<int64_t>(threads, int64_t(1) << 20);
-  return Plan{threads, threads * per_thread};
-}
 
 void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads) {
   if (args.batch == 0) return;

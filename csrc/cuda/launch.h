@@ -4,16 +4,9 @@
 
 #include <cstdint>
 
-#include "bindings.h"
+#include "grid.h"
 
 namespace uhc {
-
-// Threads to launch and workspace bytes for one call; the caller allocates the workspace.
-struct Plan {
-  int64_t threads;
-  int64_t workspace_bytes;
-};
-Plan cuda_plan(int method, int dtype, int64_t batch, int64_t N, int64_t K);
 
 // Enqueue the solve on `stream` (a cudaStream_t as an integer) of device `device`.
 void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads);

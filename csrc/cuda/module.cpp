@@ -21,7 +21,7 @@ void solve(int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t n
 }
 
 py::tuple plan(int method, int dtype, int64_t batch, int64_t N, int64_t K) {
-  const uhc::Plan p = uhc::cuda_plan(method, dtype, batch, N, K);
+  const uhc::Plan p = uhc::grid_plan(method, dtype, batch, N, K);
   return py::make_tuple(p.threads, p.workspace_bytes);
 }
 
