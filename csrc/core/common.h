@@ -170,16 +170,21 @@ struct Structure {
 
 enum Method : int { kSD = 0, kCE = 1, kMFP = 2, kMFLF = 3, kMFLU = 4 };
 
+// Row stride of the solvers' small dense N x N matrices: a multiple of 4, so that cholesky() can
+// update rows in whole 4-wide vectors.
+UHC_HD int padded(int n) { return (n + 3) & ~3; }
+
 // Scratch elements (of the accumulation type) one sample needs for `method`.
 inline int64_t scratch_elements(int method, int64_t N, int64_t K) {
+  const int64_t NN = N * ((N + 3) / 4 * 4);  // an N x padded(N) matrix
   // groups G <= K; see the Buf carving at the top of each solver
   switch (method) {
     case kSD:
       return K + 1;
     case kCE:
-      return 6 * K + 8 * N + N * N + 16;
+      return 6 * K + 8 * N + NN + 16;
     case kMFP:
-      return 8 * K + 8 * N + N * N + 16;
+      return 8 * K + 8 * N + NN + 16;
     case kMFLF:
       return 3 * K + 4 * N + 16;
     default:  // kMFLU

@@ -10,61 +10,70 @@
 
 namespace uhc {
 
-// Solve A x = b in place by Gaussian elimination with partial pivoting (x overwrites b).
+// Solve A x = b in place by Gaussian elimination with partial pivoting (x overwrites b); row i of
+// A starts at A[i * ld].
 // Returns false on an exactly singular pivot (A is then destroyed and b undefined).
 template <class Acc, class Buf>
-UHC_HD bool lu_solve(Buf A, Buf b, int n) {
+UHC_HD bool lu_solve(Buf A, Buf b, int n, int ld) {
   for (int k = 0; k < n; ++k) {
     int piv = k;
-    Acc best = uabs(A[k * n + k]);
+    Acc best = uabs(A[k * ld + k]);
     for (int i = k + 1; i < n; ++i) {
-      const Acc cand = uabs(A[i * n + k]);
+      const Acc cand = uabs(A[i * ld + k]);
       if (cand > best) best = cand, piv = i;
     }
     if (!(best > Acc(0))) return false;
     if (piv != k) {
       for (int j = k; j < n; ++j) {
-        const Acc tmp = A[k * n + j];
-        A[k * n + j] = A[piv * n + j];
-        A[piv * n + j] = tmp;
+        const Acc tmp = A[k * ld + j];
+        A[k * ld + j] = A[piv * ld + j];
+        A[piv * ld + j] = tmp;
       }
       const Acc tmp = b[k];
       b[k] = b[piv];
       b[piv] = tmp;
     }
-    const Acc inv = Acc(1) / A[k * n + k];
+    const Acc inv = Acc(1) / A[k * ld + k];
     for (int i = k + 1; i < n; ++i) {
-      const Acc f = A[i * n + k] * inv;
+      const Acc f = A[i * ld + k] * inv;
       if (f == Acc(0)) continue;
-      for (int j = k + 1; j < n; ++j) A[i * n + j] -= f * A[k * n + j];
+      for (int j = k + 1; j < n; ++j) A[i * ld + j] -= f * A[k * ld + j];
       b[i] -= f * b[k];
     }
   }
   for (int i = n - 1; i >= 0; --i) {
     Acc acc = b[i];
-    for (int j = i + 1; j < n; ++j) acc -= A[i * n + j] * b[j];
-    b[i] = acc / A[i * n + i];
+    for (int j = i + 1; j < n; ++j) acc -= A[i * ld + j] * b[j];
+    b[i] = acc / A[i * ld + i];
   }
   return true;
 }
 
-// Cholesky factorisation A = U^T U of a symmetric A in place: U's strict upper triangle and the
-// reciprocals of its diagonal overwrite A's upper triangle (the strict lower triangle is left
-// alone). False where A is not positive definite, the same test LAPACK's potrf
-// (torch.linalg.cholesky_ex) applies. Right-looking over rows: each step updates the trailing rows
-// with independent, contiguous multiply-adds, where the dot-product form would wait on one
-// accumulator per entry; keeping 1/U_jj turns the solve's divisions into multiplications.
+// Cholesky factorisation A = U^T U of a symmetric A in place, row i of A starting at A[i * ld]
+// with ld = padded(n): U's strict upper triangle and the reciprocals of its diagonal overwrite
+// A's upper triangle, and the rest of each row becomes scratch. False where A is not positive
+// definite, the same test LAPACK's potrf (torch.linalg.cholesky_ex) applies. Right-looking over
+// rows: each step updates the trailing rows with independent multiply-adds, four at a time from a
+// multiple of 4 to the padded end of the row (the extra entries are scratch), so the updates run as
+// whole 4-wide vectors with no remainder loops; keeping 1/U_jj turns the solve's divisions into
+// multiplications.
 template <class Acc, class Buf>
-UHC_HD bool cholesky(Buf A, int n) {
+UHC_HD bool cholesky(Buf A, int n, int ld) {
   for (int j = 0; j < n; ++j) {
-    const Acc d = A[j * n + j];
+    const Acc d = A[j * ld + j];
     if (!(d > Acc(0))) return false;
     const Acc inv = Acc(1) / usqrt(d);
-    A[j * n + j] = inv;
-    for (int k = j + 1; k < n; ++k) A[j * n + k] *= inv;
+    A[j * ld + j] = inv;
+    for (int k = j + 1; k < n; ++k) A[j * ld + k] *= inv;
+    const Buf row_j = A.at(j * ld);
     for (int i = j + 1; i < n; ++i) {
-      const Acc uji = A[j * n + i];
-      for (int k = i; k < n; ++k) A[i * n + k] -= uji * A[j * n + k];
+      const Buf row_i = A.at(i * ld);
+      const Acc uji = row_j[i];
+      for (int k = i & ~3; k < ld; k += 4) {  // all loads before the stores: vectorisable as is
+        const Acc a0 = row_i[k], a1 = row_i[k + 1], a2 = row_i[k + 2], a3 = row_i[k + 3];
+        const Acc b0 = row_j[k], b1 = row_j[k + 1], b2 = row_j[k + 2], b3 = row_j[k + 3];
+        row_i[k] = a0 - uji * b0, row_i[k + 1] = a1 - uji * b1, row_i[k + 2] = a2 - uji * b2, row_i[k + 3] = a3 - uji * b3;
+      }
     }
   }
   return true;
@@ -73,16 +82,16 @@ UHC_HD bool cholesky(Buf A, int n) {
 // Solve U^T U x = b with the factor from cholesky() (x overwrites b), by rows of U forwards and
 // by columns backwards: both update b with independent multiply-adds.
 template <class Acc, class Buf>
-UHC_HD void cholesky_solve(Buf U, Buf b, int n) {
+UHC_HD void cholesky_solve(Buf U, Buf b, int n, int ld) {
   for (int i = 0; i < n; ++i) {  // U^T y = b
-    const Acc yi = b[i] * U[i * n + i];
+    const Acc yi = b[i] * U[i * ld + i];
     b[i] = yi;
-    for (int k = i + 1; k < n; ++k) b[k] -= U[i * n + k] * yi;
+    for (int k = i + 1; k < n; ++k) b[k] -= U[i * ld + k] * yi;
   }
   for (int i = n - 1; i >= 0; --i) {  // U x = y
-    const Acc xi = b[i] * U[i * n + i];
+    const Acc xi = b[i] * U[i * ld + i];
     b[i] = xi;
-    for (int k = 0; k < i; ++k) b[k] -= U[k * n + i] * xi;
+    for (int k = 0; k < i; ++k) b[k] -= U[k * ld + i] * xi;
   }
 }
 
@@ -214,25 +223,25 @@ struct Sample {
   // Gradient g and gauge-fixed Hessian H of F from ce_point's r and D and ce_residual's qg and
   // mass at the same point (H = diag(a) - r r^T o C + total/N + ridge, a_i = r_i mass_i).
   UHC_HD void ce_derivatives(Buf r, Buf D, Buf qg, Buf mass, Buf grad, Buf H) const {
-    const int N = s.N;
-    for (int k = 0; k < N * N; ++k) H[k] = 0;
+    const int N = s.N, ld = padded(N);
+    for (int k = 0; k < N * ld; ++k) H[k] = 0;
     for (int g = 0; g < s.G; ++g) {
       const int lo = s.grp_ptr[g], hi = s.grp_ptr[g + 1];
       const Acc curvature = qg[g] / D[g];
       // upper triangle only: teachers are ascending within a group
       for (int e = lo; e < hi; ++e) {
         const int ti = s.grp_teacher[e];
-        for (int f = e; f < hi; ++f) H[ti * N + s.grp_teacher[f]] += curvature;
+        for (int f = e; f < hi; ++f) H[ti * ld + s.grp_teacher[f]] += curvature;
       }
     }
     const Acc gauge = total / Acc(N), ridge = Limits<Acc>::eps * total;
     for (int i = 0; i < N; ++i) grad[i] = r[i] * mass[i] - w[i];
     for (int i = 0; i < N; ++i) {
       for (int j = i; j < N; ++j) {
-        Acc h = gauge - r[i] * r[j] * H[i * N + j];
+        Acc h = gauge - r[i] * r[j] * H[i * ld + j];
         if (i == j) h += r[i] * mass[i] + ridge;
-        H[i * N + j] = h;
-        H[j * N + i] = h;
+        H[i * ld + j] = h;
+        H[j * ld + i] = h;
       }
     }
   }
@@ -274,11 +283,11 @@ struct Sample {
       if (!(res.residual > tol) || step >= max_iter) break;
       ce_derivatives(r, D, qg, mass, grad, H);
       for (int i = 0; i < N; ++i) delta[i] = -grad[i];
-      if (cholesky<Acc>(H, N)) {  // H is positive definite up to rounding: half the work of LU
-        cholesky_solve<Acc>(H, delta, N);
+      if (cholesky<Acc>(H, N, padded(N))) {  // H is positive definite up to rounding: half LU's work
+        cholesky_solve<Acc>(H, delta, N, padded(N));
       } else {
         ce_derivatives(r, D, qg, mass, grad, H);  // cholesky overwrote H
-        if (!lu_solve<Acc>(H, delta, N))
+        if (!lu_solve<Acc>(H, delta, N, padded(N)))
           for (int i = 0; i < N; ++i) delta[i] = -grad[i];  // singular: fall back to steepest descent
       }
       if (!have_f) f = ce_dual(t, Ng, D, top), have_f = true;
@@ -388,7 +397,8 @@ struct Sample {
       if (!(res.residual > tol) || step >= max_iter) break;
 
       // Hessian: 2 w_j sum_{L_j} q^2 on the diagonal minus 2 w_j w_k sum_{l in L_j, L_k} e_jl e_kl / B_l
-      for (int k = 0; k < N * N; ++k) H[k] = 0;
+      const int ld = padded(N);
+      for (int k = 0; k < N * ld; ++k) H[k] = 0;
       for (int l = 0; l < K; ++l) {
         const int lo = s.cls_ptr[l], hi = s.cls_ptr[l + 1];
         if (lo == hi) continue;
@@ -400,26 +410,26 @@ struct Sample {
         for (int k = lo; k < hi; ++k) {
           const int ti = s.cls_teacher[k];
           const Acc ek = e[k - lo] * inv;
-          for (int m = k; m < hi; ++m) H[ti * N + s.cls_teacher[m]] -= ek * e[m - lo];
+          for (int m = k; m < hi; ++m) H[ti * ld + s.cls_teacher[m]] -= ek * e[m - lo];
         }
       }
       Acc vnorm2 = 0, level = 0;
       for (int i = 0; i < N; ++i) {
-        H[i * N + i] += 2 * w[i] * sq[i];
+        H[i * ld + i] += 2 * w[i] * sq[i];
         vnorm2 += v[i] * v[i];
       }
-      for (int i = 0; i < N; ++i) level += uabs(H[i * N + i]);
+      for (int i = 0; i < N; ++i) level += uabs(H[i * ld + i]);
       level /= Acc(N);
       for (int i = 0; i < N; ++i) {  // gauge: curvature along v, the direction f ignores
         for (int j = i; j < N; ++j) {
-          const Acc h = H[i * N + j] + level * v[i] * v[j] / vnorm2;
-          H[i * N + j] = h;
-          H[j * N + i] = h;
+          const Acc h = H[i * ld + j] + level * v[i] * v[j] / vnorm2;
+          H[i * ld + j] = h;
+          H[j * ld + i] = h;
         }
       }
-      if (cholesky<Acc>(H, N)) {
+      if (cholesky<Acc>(H, N, ld)) {
         for (int i = 0; i < N; ++i) delta[i] = -g[i];
-        cholesky_solve<Acc>(H, delta, N);
+        cholesky_solve<Acc>(H, delta, N, ld);
       } else {  // not positive definite: an ALS sweep, which always descends
         mfp_v_of(q, delta);
         for (int i = 0; i < N; ++i) delta[i] -= v[i];
@@ -597,7 +607,7 @@ struct Sample {
       for (int k = 0; k < M; ++k) diag[k] = S[k * M + k];
       Buf step_cv = cand_c;  // borrow cand_c / cand_v (2N contiguous) for the solve
       for (int k = 0; k < M; ++k) step_cv[k] = rhs[k];
-      if (!lu_solve<Acc>(S, step_cv, M))
+      if (!lu_solve<Acc>(S, step_cv, M, M))
         for (int k = 0; k < M; ++k) step_cv[k] = rhs[k] / diag[k];  // singular: a diagonal step
       // keep the step in rhs (the gradient stays in gcv), free cand_c / cand_v again
       for (int k = 0; k < M; ++k) rhs[k] = step_cv[k];
