@@ -172,21 +172,23 @@ def _check(values, struct_tensors, weights, gplus, method) -> tuple[int, int, in
         raise TypeError(f"values: dtype {values.dtype} is not one of float16/bfloat16/float32/float64")
     if min(values.stride()) < 0:
         raise ValueError("values: negative strides are not supported")
-    names = [field.name for field in fields(Structure)]
-    for name, t in zip(names, struct_tensors, strict=True):
+    if len(struct_tensors) != len(fields(Structure)):
+        raise ValueError(f"expected the {len(fields(Structure))} structure tensors, got {len(struct_tensors)}")
+    for field, t in zip(fields(Structure), struct_tensors, strict=True):
         if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"{field.name} must be a contiguous 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
         if t.device != values.device:
-            raise ValueError(f"{name} is on {t.device}, values on {values.device}")
-    n, nnz, k = struct_tensors[0].numel() - 1, struct_tensors[1].numel(), struct_tensors[2].numel() - 1
+            raise ValueError(f"{field.name} is on {t.device}, values on {values.device}")
+    st = Structure(*struct_tensors)
+    n, nnz, k = st.offsets.numel() - 1, st.class_index.numel(), st.cls_ptr.numel() - 1
     if n < 1 or k < 1 or nnz < 1:
         raise ValueError(f"empty layout: N={n}, K={k}, nnz={nnz}")
     if values.shape[1] != nnz:
         raise ValueError(f"values has {values.shape[1]} columns, the layout has nnz={nnz}")
-    if struct_tensors[3].numel() != nnz or struct_tensors[4].numel() != nnz:
+    if st.cls_col.numel() != nnz or st.cls_teacher.numel() != nnz:
         raise ValueError("cls_col and cls_teacher must have nnz entries")
-    groups = struct_tensors[7].numel() - 1
-    if not 1 <= groups <= k or struct_tensors[5].numel() != groups + 1 or struct_tensors[6].numel() != k:
+    groups = st.grp_ptr.numel() - 1
+    if not 1 <= groups <= k or st.grp_cls_ptr.numel() != groups + 1 or st.grp_cls.numel() != k:
         raise ValueError("grp_ptr and grp_cls_ptr must have G + 1 entries (1 <= G <= K) and grp_cls K entries")
     acc = accumulation_dtype(values.dtype)
     if weights.shape != (n,) or weights.dtype != acc or not weights.is_contiguous() or weights.device != values.device:
@@ -213,7 +215,7 @@ def _outputs(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz):
     soft, iterations, residual = outs
-    offsets, class_index, cls_ptr, cls_col, cls_teacher, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher = struct_tensors
+    structure_pointers = {field.name: t.data_ptr() for field, t in zip(fields(Structure), struct_tensors, strict=True)}
     return dict(
         method=METHOD_CODES[method],
         dtype=DTYPE_CODES[values.dtype],
@@ -224,16 +226,8 @@ def _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter,
         values=values.data_ptr(),
         row_stride=values.stride(0),
         col_stride=values.stride(1),
-        offsets=offsets.data_ptr(),
-        class_index=class_index.data_ptr(),
-        cls_ptr=cls_ptr.data_ptr(),
-        cls_col=cls_col.data_ptr(),
-        cls_teacher=cls_teacher.data_ptr(),
-        G=grp_ptr.numel() - 1,
-        grp_cls_ptr=grp_cls_ptr.data_ptr(),
-        grp_cls=grp_cls.data_ptr(),
-        grp_ptr=grp_ptr.data_ptr(),
-        grp_teacher=grp_teacher.data_ptr(),
+        **structure_pointers,
+        G=Structure(*struct_tensors).grp_ptr.numel() - 1,
         weights=weights.data_ptr(),
         gplus=gplus.data_ptr() if method in NEEDS_SYSTEM else 0,
         tol=float(tol),
