@@ -197,6 +197,50 @@ def test_cuda_grid_plan_caps_the_workspace():
     assert module.grid_plan(native.METHOD_CODES["sd"], dtype, 10**9, 2, 3)[0] == 1 << 20  # thread cap
 
 
+# ---------------------------------------------------------------- the shared dense kernels
+def dense_solve(kind, matrix, rhs, dtype, ld, fill=float("nan")):
+    """Run the C++ kernel on ``matrix`` stored with rows ``ld`` apart (the rest of each row ``fill``)."""
+    n = matrix.shape[0]
+    stored = torch.full((n, ld), fill, dtype=dtype)
+    stored[:, :n] = matrix
+    x = rhs.to(dtype).clone()
+    ok = native.load_module("cpu").dense_solve(kind, native.DTYPE_CODES[dtype], stored.data_ptr(), x.data_ptr(), n, ld)
+    return ok, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 13, 20, 33])
+def test_dense_kernels_solve_like_torch(n, dtype):
+    """The Newton systems' Cholesky (rows padded to a multiple of 4 and updated four at a time, the
+    padding being scratch: NaN there must not leak) and LU kernels, shared by the CPU and CUDA
+    solvers, against torch.linalg.solve in float64."""
+    gen = torch.Generator().manual_seed(n)
+    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    spd = m @ m.T + n * torch.eye(n, dtype=torch.float64)
+    rhs = torch.randn(n, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(spd, rhs)
+    padded = native.load_module("cpu").padded(n)
+    assert padded % 4 == 0 and n <= padded < n + 4
+    rtol = 1e-4 if dtype == torch.float32 else 1e-11
+    for kind, ld in (("cholesky", padded), ("lu", padded), ("lu", n)):
+        ok, x = dense_solve(kind, spd, rhs, dtype, ld)
+        assert ok, kind
+        torch.testing.assert_close(x.double(), expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def test_dense_kernels_report_failure():
+    indefinite = torch.diag(torch.tensor([1.0, -1.0, 2.0, 3.0, 0.5], dtype=torch.float64))
+    rhs = torch.ones(5, dtype=torch.float64)
+    ok, _ = dense_solve("cholesky", indefinite, rhs, torch.float64, 8)
+    assert not ok  # the caller falls back to LU
+    ok, x = dense_solve("lu", indefinite, rhs, torch.float64, 8)
+    assert ok and torch.equal(x, 1 / torch.diagonal(indefinite))
+    ok, _ = dense_solve("lu", torch.zeros(3, 3, dtype=torch.float64), rhs[:3], torch.float64, 3)
+    assert not ok  # exactly singular: the caller takes a gradient step
+    with pytest.raises(ValueError, match="padded"):
+        dense_solve("cholesky", indefinite, rhs, torch.float64, 5)
+
+
 def test_argument_errors_name_the_argument():
     problem = make_problem("ce", 4, 9, 3, 12)
     parts = native.structure(problem.layout).tensors()

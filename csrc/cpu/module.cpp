@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -79,6 +80,27 @@ py::tuple grid_plan(int method, int dtype, int64_t batch, int64_t N, int64_t K) 
   return py::make_tuple(p.threads, p.workspace_bytes);
 }
 
+// The solvers' dense kernels on one system, in place, for tests: "cholesky" factorises A (rows
+// `ld` apart) and solves with the factor, "lu" eliminates with partial pivoting. False where the
+// factorisation fails (A not positive definite, or exactly singular).
+template <class Acc>
+bool dense_solve_as(const std::string& kind, uintptr_t A, uintptr_t b, int n, int ld) {
+  const uhc::Dense<Acc> a{reinterpret_cast<Acc*>(A)}, x{reinterpret_cast<Acc*>(b)};
+  if (kind == "lu") return uhc::lu_solve<Acc>(a, x, n, ld);
+  if (kind != "cholesky") throw std::invalid_argument("kind must be 'cholesky' or 'lu', got '" + kind + "'");
+  if (ld != uhc::padded(n)) throw std::invalid_argument("cholesky needs ld = padded(n)");
+  if (!uhc::cholesky<Acc>(a, n, ld)) return false;
+  uhc::cholesky_solve<Acc>(a, x, n, ld);
+  return true;
+}
+
+bool dense_solve(const std::string& kind, int dtype, uintptr_t A, uintptr_t b, int n, int ld) {
+  if (n < 1 || ld < n) throw std::invalid_argument("need 1 <= n <= ld");
+  if (dtype == uhc::kFloat64) return dense_solve_as<double>(kind, A, b, n, ld);
+  if (dtype == uhc::kFloat32) return dense_solve_as<float>(kind, A, b, n, ld);
+  throw std::invalid_argument("dense_solve takes float32 or float64");
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -98,6 +120,9 @@ PYBIND11_MODULE(_native_cpu, m) {
         UHC_SOLVE_ARGS, py::arg("grid_threads"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("grid_plan", &grid_plan, "The CUDA launcher's (threads, workspace bytes) for a call.", py::arg("method"),
         py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"));
+  m.def("dense_solve", &dense_solve, "The solvers' Cholesky / LU kernels on one system, in place (for tests).",
+        py::arg("kind"), py::arg("dtype"), py::arg("A"), py::arg("b"), py::arg("n"), py::arg("ld"));
+  m.def("padded", &uhc::padded, "Row stride of the solvers' small N x N matrices.", py::arg("n"));
   m.def("max_threads", &max_threads, "OpenMP's default thread count (1 without OpenMP).");
 #ifdef _OPENMP
   m.attr("openmp") = true;
