@@ -239,17 +239,33 @@ def _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter,
     )
 
 
+def _prepare(launcher, device_type, widen, values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter):
+    """What every launcher does first: check the arguments and the device, widen 16-bit values where
+    the CUDA kernels read them (``widen``), allocate the outputs. Returns ``(values, outputs, pointer
+    arguments)``, the last None for an empty batch; the caller holds on to ``values`` (a widened copy
+    must outlive the launch that reads it)."""
+    n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
+    if values.device.type != device_type:
+        raise ValueError(f"{launcher} needs {device_type.upper()} tensors, values are on {values.device}")
+    if widen and values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()  # the CUDA build instantiates float32/float64 only (compile time)
+    outs = _outputs(values, k)
+    if values.shape[0] == 0:
+        return values, outs, None
+    return (
+        values,
+        outs,
+        _pointer_args(values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz),
+    )
+
+
 def launch_cpu(values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter):
     """Run the CPU kernels; returns ``(soft (B, K), iterations (B,) int32, residual (B,))``."""
     module = load_module("cpu")
-    n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
-    if values.device.type != "cpu":
-        raise ValueError(f"backend 'cpu' needs CPU tensors, values are on {values.device}")
-    outs = _outputs(values, k)
-    if values.shape[0] > 0:
-        args = _pointer_args(
-            values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz
-        )
+    values, outs, args = _prepare(
+        "backend 'cpu'", "cpu", False, values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter
+    )
+    if args is not None:
         module.solve(**args, threads=torch.get_num_threads())
     return outs
 
@@ -257,16 +273,11 @@ def launch_cpu(values, struct_tensors, weights, gplus, method, tol, max_iter, ce
 def launch_cuda(values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter):
     """Enqueue the CUDA kernels on the current torch stream; returns the same as :func:`launch_cpu`."""
     module = load_module("cuda")
-    n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
-    if values.device.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, values are on {values.device}")
-    values = _cuda_values(values)
-    outs = _outputs(values, k)
-    if values.shape[0] > 0:
-        args = _pointer_args(
-            values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz
-        )
-        threads, nbytes = module.plan(args["method"], args["dtype"], args["batch"], n, k)
+    values, outs, args = _prepare(
+        "backend 'cuda'", "cuda", True, values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter
+    )
+    if args is not None:
+        threads, nbytes = module.plan(args["method"], args["dtype"], args["batch"], args["N"], args["K"])
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=values.device)
         stream = torch.cuda.current_stream(values.device)
         module.solve(
@@ -280,11 +291,6 @@ def launch_cuda(values, struct_tensors, weights, gplus, method, tol, max_iter, c
     return outs
 
 
-def _cuda_values(values: torch.Tensor) -> torch.Tensor:
-    """What the CUDA kernels read: the CUDA build instantiates float32/float64 only (compile time)."""
-    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
-
-
 def launch_cuda_grid_on_cpu(
     values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, grid_threads=None
 ):
@@ -293,17 +299,22 @@ def launch_cuda_grid_on_cpu(
     loop as :func:`launch_cuda`, on CPU tensors. Tests use it to exercise the GPU's per-thread code
     path where no GPU is lent; returns the same as :func:`launch_cpu`."""
     module = load_module("cpu")
-    n, k, nnz = _check(values, struct_tensors, weights, gplus, method)
-    if values.device.type != "cpu":
-        raise ValueError(f"the CUDA-grid emulation needs CPU tensors, values are on {values.device}")
-    values = _cuda_values(values)
-    outs = _outputs(values, k)
-    if values.shape[0] > 0:
-        args = _pointer_args(
-            values, struct_tensors, weights, gplus, method, tol, max_iter, ce_max_iter, outs, n, k, nnz
-        )
+    values, outs, args = _prepare(
+        "the CUDA-grid emulation",
+        "cpu",
+        True,
+        values,
+        struct_tensors,
+        weights,
+        gplus,
+        method,
+        tol,
+        max_iter,
+        ce_max_iter,
+    )
+    if args is not None:
         if grid_threads is None:
-            grid_threads, _ = module.grid_plan(args["method"], args["dtype"], args["batch"], n, k)
+            grid_threads, _ = module.grid_plan(args["method"], args["dtype"], args["batch"], args["N"], args["K"])
         module.solve_grid(**args, grid_threads=grid_threads, threads=torch.get_num_threads())
     return outs
 
