@@ -247,7 +247,7 @@ struct Sample {
   }
 
   // Damped Newton on the dual (reference.ce._newton); writes the normalised q into `q` (K) and
-  // returns steps and residual. n: K scratch; gbuf: 5 G scratch; nbuf: 8 N + N^2 scratch.
+  // returns steps and residual. n: K scratch; gbuf: 5 G scratch; nbuf: 8 N + N padded(N) scratch.
   // The candidate a line search accepts becomes the next iterate with its r, D and F, so each
   // step evaluates exp, the group sums and log once per trial point and never twice.
   template <class Q>
