@@ -96,11 +96,24 @@ void dispatch_dtype(const Args& a, Launch&& launch) {
 
 }  // namespace uhc
 
-// pybind11 keyword arguments of the solve binding, in Args order.
+// The solve bindings' leading parameters, in Args order, written once for every module: the C++
+// parameter list, the Args built from it, and pybind11's keyword names.
+#define UHC_SOLVE_PARAMS                                                                                          \
+  int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t nnz, uintptr_t values, int64_t row_stride,  \
+      int64_t col_stride, uintptr_t offsets, uintptr_t class_index, uintptr_t cls_ptr, uintptr_t cls_col,         \
+      uintptr_t cls_teacher, int64_t G, uintptr_t grp_cls_ptr, uintptr_t grp_cls, uintptr_t grp_ptr,              \
+      uintptr_t grp_teacher, uintptr_t weights, uintptr_t gplus, double tol, int64_t max_iter, int64_t ce_max_iter, \
+      uintptr_t soft, uintptr_t iterations, uintptr_t residual
+#define UHC_SOLVE_PARAMS_AS_ARGS                                                                                  \
+  uhc::Args {                                                                                                     \
+    method, dtype, batch, N, K, nnz, values, row_stride, col_stride, offsets, class_index, cls_ptr, cls_col,      \
+        cls_teacher, G, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher, weights, gplus, tol, max_iter, ce_max_iter,  \
+        soft, iterations, residual                                                                                \
+  }
 #define UHC_SOLVE_ARGS                                                                                            \
   py::arg("method"), py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("nnz"),              \
       py::arg("values"), py::arg("row_stride"), py::arg("col_stride"), py::arg("offsets"), py::arg("class_index"), \
-      py::arg("cls_ptr"), py::arg("cls_col"), py::arg("cls_teacher"), py::arg("G"),        \
-      py::arg("grp_cls_ptr"), py::arg("grp_cls"), py::arg("grp_ptr"), py::arg("grp_teacher"), py::arg("weights"), py::arg("gplus"),        \
-      py::arg("tol"), py::arg("max_iter"), py::arg("ce_max_iter"), py::arg("soft"), py::arg("iterations"),         \
+      py::arg("cls_ptr"), py::arg("cls_col"), py::arg("cls_teacher"), py::arg("G"), py::arg("grp_cls_ptr"),       \
+      py::arg("grp_cls"), py::arg("grp_ptr"), py::arg("grp_teacher"), py::arg("weights"), py::arg("gplus"),       \
+      py::arg("tol"), py::arg("max_iter"), py::arg("ce_max_iter"), py::arg("soft"), py::arg("iterations"),        \
       py::arg("residual")

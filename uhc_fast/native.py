@@ -20,6 +20,7 @@ from functools import partial
 import torch
 
 from . import ops  # registers torch.ops.uhc_fast.solve (ops uses this module only at call time)
+from .api import ITERATIVE
 from .dispatch import Backend
 from .inputs import PackedProblem
 from .problem import Layout
@@ -31,7 +32,6 @@ from .reference.common import Solution, default_tol
 # Codes shared with csrc/bindings.h (DType) and csrc/core/common.h (Method).
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 METHOD_CODES = {"sd": 0, "ce": 1, "mf-p": 2, "mf-lf": 3, "mf-lu": 4}
-ITERATIVE = ("ce", "mf-p", "mf-lu")
 NEEDS_SYSTEM = ("mf-lf", "mf-lu")
 MODULES = {"cpu": "uhc_fast._native_cpu", "cuda": "uhc_fast._native_cuda"}
 

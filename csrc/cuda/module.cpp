@@ -8,15 +8,8 @@ namespace py = pybind11;
 
 namespace {
 
-void solve(int method, int dtype, int64_t batch, int64_t N, int64_t K, int64_t nnz, uintptr_t values,
-           int64_t row_stride, int64_t col_stride, uintptr_t offsets, uintptr_t class_index, uintptr_t cls_ptr,
-           uintptr_t cls_col, uintptr_t cls_teacher, int64_t G, uintptr_t grp_cls_ptr, uintptr_t grp_cls, uintptr_t grp_ptr,
-           uintptr_t grp_teacher, uintptr_t weights, uintptr_t gplus, double tol, int64_t max_iter,
-           int64_t ce_max_iter, uintptr_t soft, uintptr_t iterations, uintptr_t residual, int device,
-           uintptr_t stream, uintptr_t workspace, int64_t threads) {
-  const uhc::Args args{method, dtype, batch, N, K, nnz, values, row_stride, col_stride, offsets, class_index,
-                       cls_ptr, cls_col, cls_teacher, G, grp_cls_ptr, grp_cls, grp_ptr, grp_teacher, weights, gplus, tol,
-                       max_iter, ce_max_iter, soft, iterations, residual};
+void solve(UHC_SOLVE_PARAMS, int device, uintptr_t stream, uintptr_t workspace, int64_t threads) {
+  const uhc::Args args = UHC_SOLVE_PARAMS_AS_ARGS;
   uhc::cuda_launch(args, device, stream, workspace, threads);
 }
 
