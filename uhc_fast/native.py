@@ -24,10 +24,8 @@ from .api import ITERATIVE
 from .dispatch import Backend
 from .inputs import PackedProblem
 from .problem import Layout
-from .reference import ce as reference_ce
-from .reference import mf as reference_mf
 from .reference import mf_lf_system
-from .reference.common import Solution, default_tol
+from .reference.common import DEFAULT_MAX_ITER, Solution, default_tol
 
 # Codes shared with csrc/bindings.h (DType) and csrc/core/common.h (Method).
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -39,11 +37,6 @@ MODULES = {"cpu": "uhc_fast._native_cpu", "cuda": "uhc_fast._native_cuda"}
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute (and return soft labels) in: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def default_max_iter(method: str) -> int:
-    """The reference's iteration cap for ``method`` (Newton steps for ce, sweeps for mf-p/mf-lu)."""
-    return reference_ce.DEFAULT_MAX_ITER if method == "ce" else reference_mf.DEFAULT_MAX_ITER
 
 
 # ---------------------------------------------------------------------- compiled modules
@@ -333,7 +326,7 @@ def solve_arguments(
     functions' arguments for :func:`solve_values`' (defaults filled in, dtypes and devices matched)."""
     acc = accumulation_dtype(values.dtype)
     tol = default_tol(acc) if tol is None else float(tol)
-    max_iter = default_max_iter(method) if max_iter is None else int(max_iter)
+    max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
     weights = weights.to(device=values.device, dtype=acc).contiguous()
     if gplus is None:
         gplus = weights.new_zeros(0, 0)
@@ -346,7 +339,7 @@ def solve_arguments(
         method,
         tol,
         max_iter,
-        reference_ce.DEFAULT_MAX_ITER,
+        DEFAULT_MAX_ITER,  # the ce solve mf-p starts from
     )
 
 

@@ -22,10 +22,9 @@ import torch
 from . import reference
 from .dispatch import Backend
 from .inputs import PackedProblem
-from .reference.common import Solution, default_tol
+from .reference.common import DEFAULT_MAX_ITER, Solution, default_tol
 from .reference.mf import mf_lf_system
 
-_DEFAULT_MAX_ITER = 100
 # Loaded once; after that the solvers and the loss touch no import machinery (which torch.compile
 # cannot trace).
 _loaded: dict[str, object] = {}
@@ -95,7 +94,7 @@ def _iterative(method: str, op_name: str, needs_system: bool):
             return fallback(problem, tol, max_iter)
         _check_device(problem.values)
         tol = default_tol(problem.values.dtype) if tol is None else float(tol)
-        max_iter = _DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
+        max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
         cmap = kernels.colmap(problem.layout)
         op = getattr(_ops(), op_name)
         if needs_system:

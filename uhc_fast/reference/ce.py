@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import PackedProblem
-from .common import Solution, backtrack, default_tol, evidence, masked_gram, row_chunks
-
-DEFAULT_MAX_ITER = 100
+from .common import DEFAULT_MAX_ITER, Solution, backtrack, default_tol, evidence, masked_gram, row_chunks, teacher_pairs
 
 
 def solve_ce(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
@@ -66,6 +64,7 @@ def _newton(n, mask, weights, tol, max_iter):
     total = weights.sum()
     eye = torch.eye(mask.shape[0], dtype=n.dtype, device=n.device)
     eps = torch.finfo(n.dtype).eps
+    pairs = teacher_pairs(mask)
     q = n / n.sum(dim=1, keepdim=True)  # sd: a good start
     t = torch.log(weights) - torch.log(q @ mask.T)
     iterations = torch.zeros(n.shape[0], dtype=torch.int32, device=n.device)
@@ -81,7 +80,7 @@ def _newton(n, mask, weights, tol, max_iter):
         x = torch.where(covered, na / d, 0)
         a = r * (x @ mask.T)  # sum_l n_l pi_il
         grad = a - weights
-        curvature = masked_gram(torch.where(covered, x / d, 0), mask)  # sum_l M_il M_jl n_l / D_l^2
+        curvature = masked_gram(torch.where(covered, x / d, 0), mask, pairs)  # sum_l M_il M_jl n_l / D_l^2
         hess = torch.diag_embed(a) - r.unsqueeze(2) * r.unsqueeze(1) * curvature
         hess = hess + total / mask.shape[0] + (eps * total) * eye  # gauge + a whisper of ridge
         delta = torch.linalg.solve(hess, -grad)

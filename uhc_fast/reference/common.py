@@ -39,21 +39,32 @@ def normalise(q: torch.Tensor) -> torch.Tensor:
     return q / q.sum(dim=1, keepdim=True)
 
 
+# Steps (Newton or Gauss-Newton) every iterative solver takes at most when the caller gives no max_iter.
+DEFAULT_MAX_ITER = 100
+
+
 def default_tol(dtype: torch.dtype) -> float:
     """Residual the iterative solvers stop at when the caller gives no ``tol``."""
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-def masked_gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def teacher_pairs(mask: torch.Tensor) -> torch.Tensor | None:
+    """The ``(K, N*N)`` table of class-shared teacher pairs :func:`masked_gram` multiplies by, or
+    None where it would be large (over 2^22 elements). It depends on the mask only: build it once."""
+    teachers, classes = mask.shape
+    if classes * teachers * teachers > 1 << 22:
+        return None
+    return (mask.T.unsqueeze(2) * mask.T.unsqueeze(1)).reshape(classes, teachers * teachers)
+
+
+def masked_gram(x: torch.Tensor, mask: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
     """``(B, K) -> (B, N, N)``: ``sum_l x_l M_il M_jl``, the x-weighted overlap of teachers i and j.
 
-    One GEMM against the ``(K, N*N)`` table of class-shared teacher pairs when that table is small,
-    else a batched product (whose ``(B, N, K)`` temporary the callers bound by chunking rows).
+    One GEMM against ``pairs`` (:func:`teacher_pairs`) where there is that table, else a batched
+    product (whose ``(B, N, K)`` temporary the callers bound by chunking rows).
     """
-    teachers, classes = mask.shape
-    if classes * teachers * teachers <= 1 << 22:
-        pairs = (mask.T.unsqueeze(2) * mask.T.unsqueeze(1)).reshape(classes, teachers * teachers)
-        return (x @ pairs).view(-1, teachers, teachers)
+    if pairs is not None:
+        return (x @ pairs).view(-1, mask.shape[0], mask.shape[0])
     return (mask * x.unsqueeze(1)) @ mask.T
 
 

@@ -9,9 +9,7 @@ import torch
 
 from ..inputs import PackedProblem, scatter_classes, segment_sum
 from .ce import solve_ce
-from .common import Solution, backtrack, default_tol, masked_softmax, row_chunks
-
-DEFAULT_MAX_ITER = 100
+from .common import DEFAULT_MAX_ITER, Solution, backtrack, default_tol, masked_softmax, row_chunks
 
 
 # ---------------------------------------------------------------------- mf-lf
