@@ -32,9 +32,6 @@ from ._common import (
     teacher_scales,
 )
 
-_ARMIJO = 1e-4
-_MAX_HALVINGS = 40
-
 
 @device_function
 def _dual_stats(

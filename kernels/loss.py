@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_k, block_n, colmap, compute_dtype, gather, grid_rows, launch_count, map_tile, rmax, rsum
+from ._common import block_k, block_n, compute_dtype, gather, grid_rows, launch_count, map_tile, rmax, rsum
 
 
 @triton.jit
@@ -176,4 +176,4 @@ def loss_backward(
     return grad
 
 
-__all__ = ["colmap", "loss_backward", "loss_forward"]
+__all__ = ["loss_backward", "loss_forward"]

@@ -11,6 +11,8 @@ import json
 import sys
 
 from .api import METHODS
+from .dispatch import BACKEND_NAMES
+from .stream import OUT_DTYPES
 
 EXIT_ERROR = 2
 
@@ -30,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float16", "float64"),
+        choices=tuple(OUT_DTYPES),
         help="stored soft-label dtype (default: float32)",
     )
     p.add_argument(
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--tol", type=float, default=None, help="convergence threshold of iterative methods")
     p.add_argument("--max-iter", type=int, default=None, help="iteration cap of iterative methods")
     p.add_argument("--eps", type=float, default=1e-12, help="probability floor before logs (default 1e-12)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"))
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted job, keeping finished chunks")
     p.add_argument("--force", action="store_true", help="delete existing outputs of this path and start over")
@@ -130,7 +132,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def describe_manifest(manifest) -> dict:
     """A JSON-able description of a loaded manifest: teachers, coverage, connectivity, job size."""
-    from .stream import OUT_DTYPES, default_chunk_size
+    from .stream import default_chunk_size
 
     m = manifest
     ts = m.teacher_set

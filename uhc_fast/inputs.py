@@ -183,19 +183,17 @@ def pack(
     w = resolve_weights(weights, teachers, dtype, device)
     alpha = resolve_alpha(alpha, teachers)
 
-    layout = teachers.layout(device)
     values = torch.cat(
         [_as_value_kind(x.to(dtype), inputs, value_kind, temperature, eps) for x in converted.tensors], 1
     )
 
     if alpha > 0:
         teachers = teachers.with_prior()
-        layout = teachers.layout(device)
         k = teachers.sizes[-1]
         fill = 1.0 / k if value_kind == "probs" else 0.0
         values = torch.cat([values, values.new_full((values.shape[0], k), fill)], dim=1)
         w = torch.cat([w, w.new_tensor([alpha])])
-    return PackedProblem(values.contiguous(), layout, w, teachers), converted
+    return PackedProblem(values.contiguous(), teachers.layout(device), w, teachers), converted
 
 
 def _as_value_kind(x: torch.Tensor, inputs: str, value_kind: str, temperature: float, eps: float) -> torch.Tensor:

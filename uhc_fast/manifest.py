@@ -322,7 +322,8 @@ def _parse_teacher(i: int, entry, base: Path, names: set[str], problems: list[st
 
 
 def _read_header(file: Path, tensor_name, who: str, problems: list[str]):
-    """(shape, torch dtype, storage numpy dtype, data offset) of a .npy/.safetensors file, or None."""
+    """(shape, torch dtype, storage numpy dtype, data offset, column-major) of a .npy/.safetensors
+    file, or None."""
     if not file.is_file():
         problems.append(f"{who}: outputs file not found: {file}")
         return None
