@@ -285,8 +285,7 @@ def measure_one(
     if reason is not None:
         row.update(batch=calls, status=reason)
         return row
-    probe = batch if fixed_batch else min(batch, grid.min_batch)
-    call = build_call(target, method, phase, work, problem, probe, tol)
+    call = build_call(target, method, phase, work, problem, calls, tol)
     if isinstance(call, str):
         row.update(batch=batch, status=call)
         return row
@@ -294,7 +293,7 @@ def measure_one(
         # warm-up calls that also size the batch: a small probe, then up to two steps towards about
         # call_budget_s per call (small batches overstate the per-sample cost, hence the second step)
         seconds, result = measure.time_call(call, target.device)
-        size = probe
+        size = calls
         for _ in range(2 if size < batch else 0):
             grown = min(batch, int(size * grid.call_budget_s / max(seconds, 1e-9)))
             if grown <= size * 1.25:

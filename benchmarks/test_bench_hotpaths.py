@@ -22,12 +22,13 @@ from uhc_fast.reference import SOLVERS
 from uhc_fast.reference.common import default_tol
 
 from . import workloads
+from .measure import synchronizer
 
 pytest.importorskip("pytest_benchmark")
 
 # (K, N, B): small enough for CI, large enough that the call is not all overhead
 SIZES = {"small": (100, 10, 128), "wide": (1000, 10, 32)}
-# the alternating mf-p / mf-lu solvers take hundreds of sweeps at K = 1000: CI times them at "small" only
+# the torch reference of mf-p / mf-lu takes seconds per call at K = 1000: CI times them at "small" only
 WIDE_METHODS = ("sd", "ce", "mf-lf")
 DTYPE = torch.float32
 # closed forms agree to rounding; iterative solvers stop at slightly different iterates (their
@@ -74,10 +75,6 @@ def _reference(size: str, device: str, method: str):
     return _REFERENCE[size, device, method]
 
 
-def _sync(device: str):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(("backend", "device"), _targets())
 def test_solver(benchmark, backend, device, method, size):
@@ -89,7 +86,7 @@ def test_solver(benchmark, backend, device, method, size):
     work = _work(size, device)
     problem = work.packed(method)
     tol = default_tol(DTYPE)
-    sync = _sync(device)
+    sync = synchronizer(torch.device(device))
 
     def solve():
         out = solvers[method](problem, tol, None)
@@ -136,7 +133,7 @@ def test_loss_forward_backward(benchmark, backend, device, size):
     problem = work.packed("ce")
     logits = torch.randn(work.batch, work.num_classes, generator=torch.Generator().manual_seed(0)).to(device)
     logits.requires_grad_(True)
-    sync = _sync(device)
+    sync = synchronizer(torch.device(device))
 
     def step():
         logits.grad = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,7 +115,6 @@ def test_quick_demo_shows_the_papers_claim():
     assert result.labels("ce").mean() > 0.8
 
 
-def test_run_accepts_a_config_without_mutating_it():
+def test_quick_config_is_smaller():
     config = demo.DemoConfig.quick()
-    assert replace(config) == config
     assert config.splits == 2 and config.student_epochs < demo.DemoConfig().student_epochs

@@ -13,29 +13,19 @@ import torch
 
 import uhc_fast
 from uhc_fast import dispatch, reference
-from uhc_fast.api import METHODS
+from uhc_fast.api import ITERATIVE, METHODS
 from uhc_fast.inputs import pack
 from uhc_fast.problem import TeacherSet
 from uhc_fast.reference.common import default_tol
 
 from .problems import consistent_outputs, noisy, random_class_sets, random_soft_labels
+from .problems import native_tolerance as tolerance
 
 native = pytest.importorskip("uhc_fast.native")
 try:
     native.load_module("cpu")
 except ImportError as err:  # pragma: no cover - the package was installed without its extension
     pytest.skip(f"CPU extension not built: {err}", allow_module_level=True)
-
-ITERATIVE = ("ce", "mf-p", "mf-lu")
-
-
-def tolerance(method: str, dtype: torch.dtype) -> float:
-    """Largest |soft_native - soft_reference| allowed. Closed forms differ by rounding only; the
-    iterative methods stop anywhere below the residual tolerance, so they agree to about that."""
-    eps = torch.finfo(dtype).eps
-    if method in ITERATIVE:
-        return 1e-7 if dtype == torch.float64 else 2e-4
-    return 256 * eps
 
 
 def make_problem(method, batch, classes, teachers, seed, dtype=torch.float64, coverage=0.4, noise=0.3, **kwargs):

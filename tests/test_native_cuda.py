@@ -13,20 +13,14 @@ import torch
 
 import uhc_fast
 from uhc_fast import dispatch, reference
-from uhc_fast.api import METHODS
+from uhc_fast.api import ITERATIVE, METHODS
 from uhc_fast.inputs import pack
 from uhc_fast.problem import TeacherSet
 
 from .problems import consistent_outputs, noisy, random_class_sets, random_soft_labels
+from .problems import native_tolerance as tolerance
 
 pytestmark = pytest.mark.gpu
-ITERATIVE = ("ce", "mf-p", "mf-lu")
-
-
-def tolerance(method: str, dtype: torch.dtype) -> float:
-    if method in ITERATIVE:
-        return 1e-7 if dtype == torch.float64 else 2e-4
-    return 256 * torch.finfo(dtype).eps
 
 
 def make_problem(method, batch, classes, teachers, seed, dtype=torch.float64):

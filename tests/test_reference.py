@@ -120,7 +120,7 @@ def test_ce_matches_scipy_on_the_primal_objective():
 # ---------------------------------------------------------------------------- mf
 def test_mf_lf_matches_the_full_design_pseudo_inverse():
     sets, q = make(num_classes=13, num_teachers=5, batch=20, seed=6)
-    outputs = noisy(consistent_outputs(q, sets, "logits"), 0.0)
+    outputs = consistent_outputs(q, sets, "logits")
     gen = torch.Generator().manual_seed(0)
     outputs = [z + 0.3 * torch.randn(z.shape, generator=gen, dtype=z.dtype) for z in outputs]
     weights = [1.0, 2.0, 0.5, 1.5, 1.0]

@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 
 import uhc_fast  # noqa: E402
 from uhc_fast import reference  # noqa: E402
-from uhc_fast.api import METHODS  # noqa: E402
+from uhc_fast.api import ITERATIVE, METHODS  # noqa: E402
 from uhc_fast.inputs import pack, segment_sum  # noqa: E402
 from uhc_fast.loss import direct_ce_loss as reference_loss  # noqa: E402
 from uhc_fast.problem import TeacherSet  # noqa: E402
@@ -44,7 +44,6 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("neither a GPU nor TRITON_INTERPRET=1", allow_module_level=True)
 
 BACKEND = triton_backend()
-ITERATIVE = ("ce", "mf-p", "mf-lu")
 # dtype-relative tolerances: both solvers stop at residual <= tol, so soft labels agree to ~tol
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 ATOL = {torch.float32: 2e-4, torch.float64: 1e-8}
