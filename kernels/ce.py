@@ -149,6 +149,9 @@ def ce_solve_row(
 
     iterations = 0
     residual = tl.zeros((), dtype=DT)
+    # the loop ends right after evaluating t: r and sum_x then describe the final t
+    r = tl.zeros((BLOCK_N,), dtype=DT)
+    sum_x = tl.zeros((), dtype=DT)
     running = 1
     while running:
         r, top = _shifted(t, real)
@@ -194,10 +197,6 @@ def ce_solve_row(
             running = 0
 
     # soft labels from the final t, over the evidence (each element rewritten from its own value)
-    r, _unused4 = _shifted(t, real)
-    sum_x, _unused5, _unused6, _unused7 = _dual_stats(
-        out_row, r, colmap_ptr, num_teachers, num_classes, TINY, DT, BLOCK_N, BLOCK_K, False
-    )
     tiny = tl.full((), TINY, DT)
     for k0 in range(0, num_classes, BLOCK_K):
         col, present, offs_k = map_tile(colmap_ptr, num_teachers, num_classes, k0, BLOCK_N, BLOCK_K)
