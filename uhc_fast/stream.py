@@ -167,19 +167,7 @@ def estimate_manifest(
     try:
         if dev.type == "cuda" and dev.index is None and group.world_size > 1:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", group.rank)) % torch.cuda.device_count())
-        plan: dict | str
-        if group.rank == 0:
-            try:
-                plan = _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, dev)
-            except Exception as err:
-                if group.world_size == 1:
-                    raise
-                plan = f"{type(err).__name__}: {err}"  # every rank raises it, none waits forever
-        else:
-            plan = None
-        plan = group.broadcast(plan)
-        if isinstance(plan, str):
-            raise JobError(f"rank 0: {plan}")
+        plan = group.on_rank0(lambda: _prepare(m, paths, method, params, fingerprint, chunk_size, resume, force, dev))
         result_args = dict(
             out=paths["values"],
             sidecar=paths["sidecar"],
@@ -211,17 +199,7 @@ def estimate_manifest(
             raise error
         if failed:
             raise JobError("; ".join(failed) + " (finished chunks are kept: run again with --resume)")
-        final: str | None = None
-        if group.rank == 0:
-            try:
-                _finalise(m, paths, method, params, fingerprint, size, plan, group.world_size)
-            except Exception as err:
-                if group.world_size == 1:
-                    raise
-                final = f"rank 0: {type(err).__name__}: {err}"
-        final = group.broadcast(final)
-        if final is not None:
-            raise JobError(final)
+        group.on_rank0(lambda: _finalise(m, paths, method, params, fingerprint, size, plan, group.world_size))
         return JobResult(
             "complete", chunks_run=len(mine), samples_run=samples, seconds=time.perf_counter() - started, **result_args
         )
@@ -771,6 +749,22 @@ class _Group:
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
             return cls(dist.get_rank(), dist.get_world_size(), own=True)
         return cls()
+
+    def on_rank0(self, work):
+        """``work()`` on rank 0, its result broadcast to every rank. An error there is raised on
+        every rank (as a JobError naming rank 0), so that no rank waits forever."""
+        outcome = None
+        if self.rank == 0:
+            try:
+                outcome = (True, work())
+            except Exception as err:
+                if self.world_size == 1:
+                    raise
+                outcome = (False, f"{type(err).__name__}: {err}")
+        succeeded, value = self.broadcast(outcome)
+        if not succeeded:
+            raise JobError(f"rank 0: {value}")
+        return value
 
     def broadcast(self, obj):
         if self.world_size == 1:
