@@ -97,12 +97,13 @@ def convert_outputs(outputs: Sequence, teachers: TeacherSet, inputs: str) -> Con
             raise ValueError(f"teacher {i}: on {x.device} but teacher 0 is on {tensors[0].device}")
         tensors.append(x)
     for i, x in enumerate(tensors):
-        _check_values(i, x, inputs)
+        check_values(i, x, inputs)
     compute_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
     return Converted(tensors, int(tensors[0].shape[0]), tensors[0].device, compute_dtype, all_numpy)
 
 
-def _check_values(i: int, x: torch.Tensor, inputs: str) -> None:
+def check_values(i: int, x: torch.Tensor, inputs: str) -> None:
+    """Teacher i's outputs must be finite; probabilities also non-negative and summing to 1 per row."""
     if x.numel() == 0 or torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
         return
     # One pass: NaN/Inf anywhere in a row make its float64 sum non-finite. Rows are located only

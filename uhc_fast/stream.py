@@ -43,6 +43,7 @@ import torch
 
 from . import __version__, dispatch
 from .api import ITERATIVE, METHODS, check_method, estimate
+from .inputs import check_values
 from .manifest import Manifest, load_manifest
 from .progress import Progress
 
@@ -56,7 +57,6 @@ _INDEX_DTYPE = np.dtype("<i4")
 # Test-only fault injection: "CHUNK:PHASE" (or "*:PHASE") makes the process SIGKILL itself there.
 _KILL_ENV = "_UHC_FAST_KILL"
 _SLEEP_ENV = "_UHC_FAST_SLEEP"  # test-only: seconds to sleep after each chunk
-_SUM_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-6}
 
 
 class JobError(RuntimeError):
@@ -707,25 +707,10 @@ def _unify_kinds(m: Manifest, method: str, tensors: list[torch.Tensor], eps: flo
     converted = []
     for i, (x, t) in enumerate(zip(tensors, m.teachers, strict=True)):
         if t.kind == "probs":
-            _check_probs(i, x)
+            check_values(i, x, "probs")  # what estimate checks before it takes logs itself
             x = torch.log(x.to(dtype).clamp_min(eps))
         converted.append(x)
     return converted, "logits"
-
-
-def _check_probs(i: int, x: torch.Tensor) -> None:
-    """The probability checks estimate makes, for probabilities turned into logits here."""
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bool(bad.any()):
-        raise ValueError(f"teacher {i}, row {int(torch.nonzero(bad)[0])}: outputs contain NaN or Inf")
-    bad = (x < 0).any(dim=1)
-    if bool(bad.any()):
-        raise ValueError(f"teacher {i}, row {int(torch.nonzero(bad)[0])}: negative probability")
-    sums = x.double().sum(dim=1)
-    bad = (sums - 1).abs() > _SUM_TOLERANCE[x.dtype]
-    if bool(bad.any()):
-        row = int(torch.nonzero(bad)[0])
-        raise ValueError(f"teacher {i}, row {row}: probabilities sum to {float(sums[row]):.6g}, not 1")
 
 
 # ---------------------------------------------------------------------- torch.distributed
