@@ -391,8 +391,8 @@ def run_split(x: np.ndarray, y: np.ndarray, config: DemoConfig, split: int, prog
     result.student_accuracy[CENTRALISED] = _accuracy(central, xt_test, yt_test)
     progress.step(f"split {split + 1}: centralised model")
 
+    extra = {} if config.eps is None else {"eps": config.eps}
     for method in config.methods:
-        extra = {} if config.eps is None else {"eps": config.eps}
         soft, info = estimate(outputs, teachers, method, backend=config.backend, return_info=True, **extra)
         soft = torch.as_tensor(soft, dtype=torch.float32)
         result.label_accuracy[method] = float((soft.argmax(1).numpy() == y_u).mean())
