@@ -118,6 +118,13 @@ def launch_count(grid: int) -> int:
     return grid
 
 
+def launch_geometry(batch: int, num_teachers: int, num_classes: int, rows_per_program, device):
+    """``(programs, rows_per_program, BLOCK_N, BLOCK_K)`` of one launch over ``batch`` rows."""
+    bn = block_n(num_teachers)
+    grid, rows = grid_rows(batch, rows_per_program, device)
+    return launch_count(grid), rows, bn, block_k(num_classes, bn)
+
+
 # ---------------------------------------------------------------------- device functions
 if interpreting():
     # tl.sum / tl.max are themselves jitted, so each call pays the interpreter's re-patching;

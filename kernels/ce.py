@@ -17,13 +17,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    block_k,
-    block_n,
     compute_dtype,
     device_function,
     gather,
-    grid_rows,
-    launch_count,
+    launch_geometry,
     map_tile,
     rmax,
     rsum,
@@ -273,10 +270,9 @@ def ce(
     out, iterations, residual = solution_buffers(batch, cmap.shape[1], torch_dt, device)
     if batch == 0:
         return out, iterations, residual
-    bn = block_n(cmap.shape[0])
-    grid, rows = grid_rows(batch, rows_per_program, device)
+    grid, rows, bn, bk = launch_geometry(batch, cmap.shape[0], cmap.shape[1], rows_per_program, device)
     finfo = torch.finfo(torch_dt)
-    _ce_kernel[(launch_count(grid),)](
+    _ce_kernel[(grid,)](
         values,
         weights,
         cmap,
@@ -294,6 +290,6 @@ def ce(
         TINY=finfo.tiny,
         DT=tl_dt,
         BLOCK_N=bn,
-        BLOCK_K=block_k(cmap.shape[1], bn),
+        BLOCK_K=bk,
     )
     return out, iterations, residual

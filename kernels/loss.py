@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_k, block_n, compute_dtype, gather, grid_rows, launch_count, map_tile, rmax, rsum
+from ._common import compute_dtype, gather, launch_geometry, map_tile, rmax, rsum
 
 
 @triton.jit
@@ -98,12 +98,6 @@ def _loss_backward_kernel(
             tl.store(grad_ptr + row * num_classes + offs_k, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _geometry(batch, num_teachers, num_classes, device, rows_per_program):
-    bn = block_n(num_teachers)
-    grid, rows = grid_rows(batch, rows_per_program, device)
-    return launch_count(grid), rows, bn, block_k(num_classes, bn)
-
-
 def loss_forward(
     logits: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, colmap_: torch.Tensor, rows_per_program=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +113,7 @@ def loss_forward(
     lse = torch.empty(batch, num_teachers, dtype=torch_dt, device=logits.device)
     if batch == 0:
         return loss, lse
-    grid, rows, bn, bk = _geometry(batch, num_teachers, num_classes, logits.device, rows_per_program)
+    grid, rows, bn, bk = launch_geometry(batch, num_teachers, num_classes, rows_per_program, logits.device)
     _loss_forward_kernel[(grid,)](
         logits.contiguous(),
         values.contiguous(),
@@ -155,7 +149,7 @@ def loss_backward(
     grad = torch.empty(batch, num_classes, dtype=logits.dtype, device=logits.device)
     if batch == 0:
         return grad
-    grid, rows, bn, bk = _geometry(batch, num_teachers, num_classes, logits.device, rows_per_program)
+    grid, rows, bn, bk = launch_geometry(batch, num_teachers, num_classes, rows_per_program, logits.device)
     _loss_backward_kernel[(grid,)](
         grad_out.contiguous(),
         logits.contiguous(),

@@ -23,13 +23,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    block_k,
-    block_n,
     compute_dtype,
     device_function,
     gather,
-    grid_rows,
-    launch_count,
+    launch_geometry,
     map_tile,
     rmax,
     rsum,
@@ -544,9 +541,8 @@ def _mf_lu_kernel(
 def _launch_common(values, cmap, rows_per_program):
     batch, nnz = values.shape
     torch_dt, tl_dt = compute_dtype(values.dtype)
-    bn = block_n(cmap.shape[0])
-    grid, rows = grid_rows(batch, rows_per_program, values.device)
-    return batch, nnz, torch_dt, tl_dt, bn, block_k(cmap.shape[1], bn), launch_count(grid), rows
+    grid, rows, bn, bk = launch_geometry(batch, cmap.shape[0], cmap.shape[1], rows_per_program, values.device)
+    return batch, nnz, torch_dt, tl_dt, bn, bk, grid, rows
 
 
 def mf_lf(

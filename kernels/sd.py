@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_k, block_n, compute_dtype, gather, grid_rows, launch_count, map_tile, rsum, teacher_scales
+from ._common import compute_dtype, gather, launch_geometry, map_tile, rsum, teacher_scales
 
 
 @triton.jit
@@ -53,9 +53,8 @@ def sd(
     out = torch.empty(batch, cmap.shape[1], dtype=torch_dt, device=values.device)
     if batch == 0:
         return out
-    bn = block_n(cmap.shape[0])
-    grid, rows = grid_rows(batch, rows_per_program, values.device)
-    _sd_kernel[(launch_count(grid),)](
+    grid, rows, bn, bk = launch_geometry(batch, cmap.shape[0], cmap.shape[1], rows_per_program, values.device)
+    _sd_kernel[(grid,)](
         values,
         weights,
         cmap,
@@ -67,6 +66,6 @@ def sd(
         rows,
         DT=tl_dt,
         BLOCK_N=bn,
-        BLOCK_K=block_k(cmap.shape[1], bn),
+        BLOCK_K=bk,
     )
     return out
