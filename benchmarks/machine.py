@@ -58,12 +58,27 @@ def gpu_info() -> dict[str, str]:
     return out
 
 
-def _load() -> str:
-    """1-minute load average at the start (a busy machine makes CPU numbers noisy)."""
+def load_average() -> str:
+    """The 1-minute load average now (a busy machine makes CPU numbers noisy)."""
     try:
         return f"{os.getloadavg()[0]:.2f}"
     except OSError:
         return ""
+
+
+def native_module() -> str:
+    """The compiled CPU module that runs: file name, the first 12 hex digits of its SHA-256 and its
+    modification time (the extension is built in place and can change between runs of one commit)."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("uhc_fast._native_cpu")
+    if spec is None or spec.origin is None:
+        return "not built"
+    path = Path(spec.origin)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{path.name.split('.')[0]} sha256:{digest} built {mtime}"
 
 
 def _version(dist: str) -> str:
@@ -93,7 +108,7 @@ def describe() -> dict[str, str]:
 
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "load_avg": _load(),
+        "load_avg": load_average(),
         "cpu_model": cpu_model(),
         "cpu_cores": str(usable_cores()),
         "torch_threads": str(torch.get_num_threads()),
@@ -106,6 +121,7 @@ def describe() -> dict[str, str]:
         "triton": _version("triton"),
         "uhc_fast": uhc_fast.__version__,
         "commit": git_commit(),
+        "native_module": native_module(),
     }
     return info
 

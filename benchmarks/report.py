@@ -13,10 +13,15 @@ import numpy as np
 # Result columns, then the machine/software stamp (machine.describe()) on every row.
 COLUMNS = (
     "mode",
+    "family",
     "sweep_batch",
     "K",
     "N",
     "nnz",
+    "G",
+    "E",
+    "d2_classes",
+    "d2_groups",
     "dtype",
     "method",
     "phase",
@@ -44,10 +49,13 @@ COLUMNS = (
     "x_torch",
     "x_scipy",
     "x_choix",
+    "estimate_over_solve",
     "status",
 )
 STAMP = (
     "date",
+    "load_avg",
+    "load_end",
     "cpu_model",
     "cpu_cores",
     "torch_threads",
@@ -62,7 +70,9 @@ STAMP = (
     "triton",
     "uhc_fast",
     "commit",
+    "native_module",
 )
+PRIMARY = "subsets"  # the workload family of the K, N and B sweeps
 README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
 
@@ -151,8 +161,10 @@ def main_table(rows: list[dict]) -> str:
         spread = "–" if r.get("spread_pct") is None else f"{r['spread_pct']:.0f}%"
         body.append(
             [
+                r.get("family", "–"),
                 str(r["K"]),
                 str(r["N"]),
+                str(r.get("G", "–")),
                 str(r["nnz"]),
                 r["method"],
                 r["phase"],
@@ -173,8 +185,10 @@ def main_table(rows: list[dict]) -> str:
             ]
         )
     header = [
+        "family",
         "K",
         "N",
+        "G",
         "nnz",
         "method",
         "phase",
@@ -194,6 +208,39 @@ def main_table(rows: list[dict]) -> str:
         "status",
     ]
     return _table(header, body)
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Per problem, method and backend: solve-only and ``estimate`` end to end side by side."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in steady_rows(rows):
+        if r["backend"] in ("scipy",) or r["backend"].startswith("choix") or r["method"] == "loss":
+            continue
+        key = (r.get("family", "–"), r["K"], r["N"], r.get("G", "–"), r["nnz"], r["method"], _label(r))
+        cells.setdefault(key, {})[r["phase"]] = r
+    body = []
+    for (family, k, n, g, nnz, method, label), phases in cells.items():
+        solve, est = phases.get("solve", {}), phases.get("estimate", {})
+        if not solve.get("samples_per_s") and not est.get("samples_per_s"):
+            continue
+        body.append(
+            [
+                family,
+                str(k),
+                str(n),
+                str(g),
+                str(nnz),
+                method,
+                label,
+                _rate(solve.get("samples_per_s")),
+                _rate(est.get("samples_per_s")),
+                _g(est.get("estimate_over_solve"), 3),
+                _ratio(solve.get("x_torch")),
+                _ratio(est.get("x_torch")),
+            ]
+        )
+    header = ["family", "K", "N", "G", "nnz", "method", "backend", "solve /s", "estimate /s", "estimate / solve"]
+    return _table([*header, "solve × torch", "estimate × torch"], body)
 
 
 def batch_table(rows: list[dict]) -> str:
@@ -220,7 +267,7 @@ def scaling(rows: list[dict], base_k: int, base_n: int) -> list[dict]:
     """Per (method, phase, backend): log-log slopes of seconds/sample against K, nnz and N, and the
     per-call overhead (seconds at the smallest B) versus the steady per-sample cost."""
     out = []
-    steady = [r for r in steady_rows(rows) if r.get("samples_per_s")]
+    steady = [r for r in steady_rows(rows) if r.get("samples_per_s") and r.get("family", PRIMARY) == PRIMARY]
     keys = sorted({(r["method"], r["phase"], _label(r)) for r in steady})
     for key in keys:
         mine = [r for r in steady if (r["method"], r["phase"], _label(r)) == key]
@@ -290,8 +337,9 @@ def markdown(rows: list[dict], ctx: Context, plot_names: list[str]) -> str:
     lines = [
         f"### uhc_fast benchmarks: {g.name} grid, {s['date'][:10]}",
         "",
-        f"- Machine: {machine_line(s)}; tensor-copy bandwidth {bw}.",
-        f"- Software: uhc_fast {s['uhc_fast']} at commit `{s['commit']}`, Python {s['python']}, torch {s['torch']}, "
+        f"- Machine: {machine_line(s)}; tensor-copy bandwidth {bw}; load at the end {s.get('load_end', '?')}.",
+        f"- Software: uhc_fast {s['uhc_fast']} at commit `{s['commit']}` (native module "
+        f"`{s.get('native_module', '?')}`), Python {s['python']}, torch {s['torch']}, "
         f"numpy {s['numpy']}, scipy {s['scipy'] or '–'}, choix {s['choix'] or '–'}, triton {s['triton'] or '–'}.",
         f"- Problems: {ctx.dtype}, tol {ctx.tol:g} (iterative methods), {g.warmup} warm-up + up to {g.repeats} "
         f"timed calls per row (fewer when one call is slow), run took {ctx.elapsed_s:.0f} s: `{ctx.command}`.",
@@ -300,7 +348,19 @@ def markdown(rows: list[dict], ctx: Context, plot_names: list[str]) -> str:
     ]
     if ctx.notes:
         lines.append("- Not measured: " + "; ".join(ctx.notes) + ".")
-    lines += ["", "#### Throughput at a steady batch", "", main_table(rows), ""]
+    lines += [
+        f"- Workloads: `{PRIMARY}` (random class subsets, coverage drawn per source; the sweeps), `windows` and "
+        "`unequal` (a few large sources, many small) as single rows; G = distinct teacher sets among the classes.",
+        "",
+        "#### Estimate end to end next to solve-only",
+        "",
+        phase_table(rows),
+        "",
+        "#### Throughput at a steady batch",
+        "",
+        main_table(rows),
+        "",
+    ]
     bt = batch_table(rows)
     if bt:
         lines += [f"#### Samples/s against the batch size (K={g.base_k}, N={g.base_n})", "", bt, ""]
@@ -349,7 +409,11 @@ def plots(rows: list[dict], ctx: Context, out: Path, stem: str) -> list[Path]:
 
     g = ctx.grid
     title = f"{machine_line(ctx.stamp)} · {ctx.stamp['commit']} · {ctx.dtype}"
-    steady = [r for r in steady_rows(rows) if r.get("samples_per_s") and r["phase"] == "solve"]
+    steady = [
+        r
+        for r in steady_rows(rows)
+        if r.get("samples_per_s") and r["phase"] == "solve" and r.get("family", PRIMARY) == PRIMARY
+    ]
     methods = list(dict.fromkeys(r["method"] for r in steady))
     labels = sorted({_label(r) for r in steady})
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
@@ -376,7 +440,7 @@ def plots(rows: list[dict], ctx: Context, out: Path, stem: str) -> list[Path]:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
-    fig.suptitle(f"Throughput against K\n{title}", fontsize=9)
+    fig.suptitle(f"Throughput against K (random class subsets)\n{title}", fontsize=9)
     fig.tight_layout()
     path = out / f"{stem}_throughput_vs_k.png"
     fig.savefig(path, dpi=110)
@@ -393,7 +457,11 @@ def plots(rows: list[dict], ctx: Context, out: Path, stem: str) -> list[Path]:
             mine = [
                 r
                 for r in rows
-                if r["method"] == method and _label(r) == lab and r.get("samples_per_s") and r["phase"] == "solve"
+                if r["method"] == method
+                and _label(r) == lab
+                and r.get("samples_per_s")
+                and r["phase"] == "solve"
+                and r.get("family", PRIMARY) == PRIMARY
             ]
             b_pts = sorted((r["sweep_batch"], r["median_s"]) for r in mine if r.get("sweep_batch"))
             k_pts = sorted(
@@ -422,7 +490,7 @@ def plots(rows: list[dict], ctx: Context, out: Path, stem: str) -> list[Path]:
     handles, names = axes[1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="center right", fontsize=7)
-    fig.suptitle(f"Scaling of cost\n{title}", fontsize=9)
+    fig.suptitle(f"Scaling of cost (random class subsets)\n{title}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     path = out / f"{stem}_scaling.png"
     fig.savefig(path, dpi=110)

@@ -4,14 +4,21 @@
     python -m benchmarks.run --full             # K 10..10,000 x N 2..100 x a B sweep
     python -m benchmarks.run --full --update-readme
 
-For each grid point (K classes, N teachers, B samples) and method it times the backend's solver on
-the packed problem (``--phases estimate`` adds the end-to-end ``uhc_fast.estimate`` call with its
-validation and packing) with warm-up and repeats, and records throughput (samples/s; median,
-quartiles, extremes), the compulsory-traffic bandwidth, peak memory, and for iterative methods the
-iterations and the residual reached, the fraction of samples that converged, and the largest
-difference from the torch reference's answer. The ``loss`` rows time the direct `ce` training loss,
-forward and backward. The peers (scipy L-BFGS-B and choix on `ce`, one sample at a time) run on a
-subsample of the same problems. Results go to ``benchmarks/results/<mode>.{csv,md}`` and two plots.
+The primary workload is the paper's: random class subsets, each teacher's coverage drawn per source
+(``workloads.subsets``, mean coverage ``min(0.6, 5 / N)``: about five teachers per class, 25% subsets at
+N = 20); the K and N sweeps and the B sweep use it. Secondary rows: overlapping windows (few distinct
+teacher sets) and very unequal sources (a few large, many small). Every row reports ``G``, the number of
+distinct teacher sets among the classes, which is what the compiled `ce` iterates over.
+
+For each grid point (family, K classes, N teachers, B samples) and method it times two phases:
+``solve``, the backend's ``solve`` of the converted batch (``Backend.solve``; for the torch reference
+that includes its float64 packing, for the compiled backends their validating read of the teachers'
+arrays), and ``estimate``, ``uhc_fast.estimate(...)`` end to end. It records throughput (samples/s;
+median, quartiles, extremes), the compulsory-traffic bandwidth, peak memory, and for iterative
+methods the iterations and the residual reached, the fraction of samples that converged, and the
+largest difference from the torch reference's answer. The ``loss`` rows time the direct `ce` training
+loss, forward and backward. The peers (scipy L-BFGS-B and choix on `ce`, one sample at a time) run
+on a subsample of the same problems. Results go to ``benchmarks/results/<mode>.{csv,md}`` and two plots.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,11 +39,13 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     __package__ = "benchmarks"
 
 import uhc_fast
-from uhc_fast import dispatch
-from uhc_fast.api import METHODS
-from uhc_fast.inputs import PackedProblem
-from uhc_fast.loss import direct_ce_loss
-from uhc_fast.reference.common import default_tol
+from uhc_fast import backends
+from uhc_fast.backends.base import Backend
+from uhc_fast.constants import default_tol
+from uhc_fast.inputs import pack
+from uhc_fast.methods import METHODS
+from uhc_fast.options import BACKEND_NAMES
+from uhc_fast.reference import direct_ce_loss
 
 from . import machine, measure, peers, report, workloads
 
@@ -46,16 +54,18 @@ ALL_METHODS = (*METHODS, "loss")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # peer row names -> the ratio column they feed
 PEERS = {"scipy": "scipy", **{f"choix-{solver}": "choix" for solver in peers.CHOIX_SOLVERS}}
+PRIMARY = "subsets"
 
 
 @dataclass(frozen=True)
 class Grid:
     """A benchmark grid and its measurement settings.
 
-    ``points`` are ``(K, N, B)`` with ``B = None`` for the steady batch (about ``target_elements``
-    packed values per call, then shrunk so one call takes about ``call_budget_s``). The K sweep is
-    the points with ``N == base_n``, the N sweep those with ``K == base_k``, the B sweep the points
-    at ``(base_k, base_n)`` with an explicit B.
+    ``points`` are ``(family, K, N, B)`` with ``B = None`` for the steady batch (about
+    ``target_elements`` packed values per call, then shrunk so one call takes about ``call_budget_s``).
+    The K sweep is the primary family's points with ``N == base_n``, the N sweep those with
+    ``K == base_k``, the B sweep the points at ``(base_k, base_n)`` with an explicit B; ``secondary``
+    adds single ``(family, K, N)`` rows of the other families.
     """
 
     name: str
@@ -65,6 +75,7 @@ class Grid:
     base_k: int
     base_n: int
     product: bool  # every (K, N) pair, or only the two sweeps through (base_k, base_n)
+    secondary: tuple[tuple[str, int, int], ...]
     target_elements: dict[str, int]
     max_batch: dict[str, int]
     min_batch: int
@@ -80,13 +91,14 @@ class Grid:
     phases: tuple[str, ...]
     b_sweep_methods: tuple[str, ...] = ALL_METHODS
 
-    def points(self) -> list[tuple[int, int, int | None]]:
+    def points(self) -> list[tuple[str, int, int, int | None]]:
         if self.product:
             pairs = {(k, n) for k in self.ks for n in self.ns}
         else:
             pairs = {(k, self.base_n) for k in self.ks} | {(self.base_k, n) for n in self.ns}
-        steady = sorted(((k, n, None) for k, n in pairs), key=lambda p: (p[0] * 2, p[1]))
-        return steady + [(self.base_k, self.base_n, b) for b in self.bs]
+        steady = sorted(((PRIMARY, k, n, None) for k, n in pairs), key=lambda p: (p[1], p[2]))
+        steady += [(family, k, n, None) for family, k, n in self.secondary]
+        return steady + [(PRIMARY, self.base_k, self.base_n, b) for b in self.bs]
 
 
 GRIDS = {
@@ -98,7 +110,8 @@ GRIDS = {
         base_k=1000,
         base_n=10,
         product=False,
-        target_elements={"cpu": 1 << 17, "cuda": 1 << 22},
+        secondary=(("windows", 1000, 10), ("unequal", 5000, 8)),
+        target_elements={"cpu": 1 << 21, "cuda": 1 << 22},
         max_batch={"cpu": 1 << 14, "cuda": 1 << 18},
         min_batch=4,
         warmup=1,
@@ -110,7 +123,7 @@ GRIDS = {
         peer_budget_s=1.5,
         choix_scale=100.0,
         choix_max_work=3e4,
-        phases=("solve",),
+        phases=("solve", "estimate"),
         b_sweep_methods=("sd", "ce", "mf-lf"),
     ),
     "full": Grid(
@@ -121,7 +134,8 @@ GRIDS = {
         base_k=1000,
         base_n=10,
         product=True,
-        target_elements={"cpu": 1 << 21, "cuda": 1 << 25},
+        secondary=(("windows", 1000, 10), ("windows", 1000, 20), ("unequal", 1000, 8), ("unequal", 5000, 8)),
+        target_elements={"cpu": 1 << 23, "cuda": 1 << 25},
         max_batch={"cpu": 1 << 17, "cuda": 1 << 20},
         min_batch=8,
         warmup=2,
@@ -147,7 +161,7 @@ class Target:
     """A backend on a device: what gets benchmarked."""
 
     name: str
-    backend: dispatch.Backend
+    backend: Backend
     device: torch.device
 
     @property
@@ -183,7 +197,7 @@ class State:
 # ---------------------------------------------------------------------- discovery
 def discover(names: list[str] | None, devices: list[str], allow_interpret: bool) -> tuple[list[Target], list[str]]:
     """Every usable (backend, device) pair, torch first on each device, and notes on what was left out."""
-    report_ = dispatch.info()
+    report_ = backends.info()
     notes = []
     targets = []
     for device_type in devices:
@@ -203,7 +217,7 @@ def discover(names: list[str] | None, devices: list[str], allow_interpret: bool)
             if name == "triton" and device_type == "cpu" and not allow_interpret:
                 notes.append("triton/cpu: interpreter only, not benchmarked (--allow-interpret to force)")
                 continue
-            backend = dispatch.load(name)
+            backend = backends.load(name)
             targets.append(Target(name, backend, torch.device(device_type)))
     seen = set()
     notes = [n for n in notes if not (n in seen or seen.add(n))]
@@ -211,10 +225,6 @@ def discover(names: list[str] | None, devices: list[str], allow_interpret: bool)
 
 
 # ---------------------------------------------------------------------- one measurement
-def sliced(problem: PackedProblem, batch: int) -> PackedProblem:
-    return replace(problem, values=problem.values[:batch])
-
-
 def result_fields(method: str, solution, tol: float) -> dict:
     """Iterations / residual / converged fraction from a Solution (empty for closed forms)."""
     if method == "loss" or solution is None or getattr(solution, "iterations", None) is None:
@@ -226,41 +236,40 @@ def result_fields(method: str, solution, tol: float) -> dict:
         "iters_max": int(it.max()),
         "residual_median": float(res.median()),
         "residual_max": float(res.max()),
-        "converged_frac": float((res <= tol).double().mean()),
+        "converged_frac": float(solution.converged.double().mean())
+        if getattr(solution, "converged", None) is not None
+        else float((res <= tol).double().mean()),
         "tol": tol,
     }
 
 
-def build_call(
-    target: Target, method: str, phase: str, work: workloads.Workload, problem: PackedProblem, batch: int, tol: float
-) -> Callable[[], object] | str:
+def build_call(target: Target, method: str, phase: str, work: workloads.Workload, batch: int, tol: float):
     """The zero-argument call to time, or the reason this combination is not measured."""
     backend = target.backend
+    outputs = [o[:batch] for o in work.outputs]
     if method == "loss":
         if phase != "solve":
             return "n/a: the loss has no estimate phase"
-        loss_fn = backend.loss if backend.loss is not None else (direct_ce_loss if target.name == "torch" else None)
-        if loss_fn is None:
-            return "n/a: backend has no fused loss"
+        if target.name != "torch" and backend.loss is direct_ce_loss:
+            return "n/a: the backend's loss is the torch reference's"
+        problem = pack(work.convert("ce", target.name, tol, rows=batch), "probs")
         gen = torch.Generator().manual_seed(3)
         logits = torch.randn(batch, work.num_classes, generator=gen, dtype=problem.values.dtype)
         logits = logits.to(target.device).requires_grad_(True)
-        sub = sliced(problem, batch)
 
         def run_loss():
             logits.grad = None
-            value = loss_fn(logits, sub)
+            value = backend.loss(logits, problem)
             value.sum().backward()
             return value.detach()
 
         return run_loss
-    if method not in backend.solvers:
+    if method not in backend.methods:
         return "n/a: method not implemented by backend"
     if phase == "solve":
-        sub = sliced(problem, batch)
-        solver = backend.solvers[method]
-        return lambda: solver(sub, tol, None)
-    outputs = [o[:batch] for o in work.outputs]
+        converted = work.convert(method, target.name, tol, rows=batch)
+        spec = METHODS[method]
+        return lambda: backend.solve(converted, spec)
     return lambda: uhc_fast.estimate(outputs, work.teachers, method, backend=target.name, tol=tol, return_info=True)
 
 
@@ -269,7 +278,6 @@ def measure_one(
     method: str,
     phase: str,
     work: workloads.Workload,
-    problem: PackedProblem,
     batch: int,
     fixed_batch: bool,
     grid: Grid,
@@ -279,13 +287,13 @@ def measure_one(
     """Size the batch, warm up, time the repeats, measure peak memory: one result row."""
     nnz = work.nnz
     row = {"method": method, "backend": target.name, "device": target.device.type, "phase": phase}
-    key = (target.label, method, phase, work.num_teachers)
+    key = (target.label, method, phase, work.family, work.num_teachers)
     calls = batch if fixed_batch else min(batch, grid.min_batch)
     reason = state.skip_reason(key, nnz, calls, grid.max_call_s)
     if reason is not None:
         row.update(batch=calls, status=reason)
         return row
-    call = build_call(target, method, phase, work, problem, calls, tol)
+    call = build_call(target, method, phase, work, calls, tol)
     if isinstance(call, str):
         row.update(batch=batch, status=call)
         return row
@@ -299,7 +307,7 @@ def measure_one(
             if grown <= size * 1.25:
                 break
             size = grown
-            call = build_call(target, method, phase, work, problem, size, tol)
+            call = build_call(target, method, phase, work, size, tol)
             seconds, result = measure.time_call(call, target.device)
         batch = size
         if seconds > grid.max_call_s:  # measured once; larger sizes of this target are skipped
@@ -318,7 +326,7 @@ def measure_one(
         return row
 
     state.cost.setdefault(key, []).append((nnz, timing.median / batch))
-    itemsize = problem.values.element_size()
+    itemsize = work.outputs[0].element_size()
     traffic = batch * (nnz + work.num_classes) * itemsize  # read the outputs, write the soft labels
     row.update(
         batch=batch,
@@ -343,7 +351,7 @@ def measure_one(
     row.update(result_fields(method, solution, tol))
     answer = result[0] if phase == "estimate" else (result if method == "loss" else result.soft)
     answer = torch.as_tensor(answer).detach().to("cpu", torch.float64)
-    ref_key = (target.device.type, work.num_classes, work.num_teachers, method, phase)
+    ref_key = (target.device.type, work.family, work.num_classes, work.num_teachers, method, phase)
     if target.name == "torch" and ref_key not in state.reference:
         state.reference[ref_key] = answer
     reference = state.reference.get(ref_key)
@@ -358,13 +366,15 @@ def measure_peers(
     work: workloads.Workload, grid: Grid, state: State, tol: float, choix_solver: str, which: tuple[str, ...]
 ) -> list[dict]:
     """scipy and choix on the first few samples of the `ce` problem, one at a time, on the CPU."""
-    problem = work.packed("ce")
+    rows_needed = min(grid.peer_samples, work.batch)
+    problem = work.packed("ce", torch.float64, rows=rows_needed)
     values = problem.values.detach().to("cpu", torch.float64).numpy()
     weights = problem.weights.detach().to("cpu", torch.float64).numpy()
     layout = peers.PackedLayout.from_class_sets(problem.teachers.class_sets, work.num_classes)
-    reference = state.reference.get(("cpu", work.num_classes, work.num_teachers, "ce", "solve"))
+    key = (work.family, work.num_classes, work.num_teachers, "ce", "solve")
+    reference = state.reference.get(("cpu", *key))
     if reference is None:
-        reference = state.reference.get(("cuda", work.num_classes, work.num_teachers, "ce", "solve"))
+        reference = state.reference.get(("cuda", *key))
     rows = []
     for peer in which:
         row = {"method": "ce", "backend": peer, "device": "cpu", "phase": "solve", "tol": tol}
@@ -411,7 +421,7 @@ def measure_peers(
             if peer == "scipy":
                 solve(0)()  # warm-up (scipy's first call initialises its machinery)
             start = time.perf_counter()
-            for b in range(min(grid.peer_samples, len(values))):
+            for b in range(len(values)):
                 if b and time.perf_counter() - start > grid.peer_budget_s:
                     break
                 seconds, out = measure.time_call(solve(b), torch.device("cpu"))
@@ -456,30 +466,39 @@ def measure_peers(
 
 # ---------------------------------------------------------------------- ratios
 def add_ratios(rows: list[dict]) -> None:
-    """``x_torch``: samples/s over the torch reference's (same size, method, phase and device; the
-    peers against torch on the CPU). ``x_scipy`` / ``x_choix``: `ce` rows over the peer's per-sample rate."""
-    torch_speed, peer_speed = {}, {}
+    """``x_torch``: samples/s over the torch reference's (same problem, method, phase and device; the
+    peers against torch on the CPU). ``x_scipy`` / ``x_choix``: `ce` rows over the peer's per-sample rate.
+    ``estimate_over_solve``: on estimate rows, the cost of ``estimate`` over the same backend's solve."""
+    torch_speed, peer_speed, solve_speed = {}, {}, {}
     for r in rows:
         if not r.get("samples_per_s"):
             continue
+        point = (r["family"], r["K"], r["N"], r["sweep_batch"])
         if r["backend"] == "torch":
-            torch_speed[(r["K"], r["N"], r["sweep_batch"], r["method"], r["device"], r["phase"])] = r["samples_per_s"]
-        elif r["backend"] in PEERS:
-            peer_speed[(r["K"], r["N"], PEERS[r["backend"]])] = r["samples_per_s"]
+            torch_speed[(*point, r["method"], r["device"], r["phase"])] = r["samples_per_s"]
+        if r["backend"] in PEERS:
+            peer_speed[(r["family"], r["K"], r["N"], PEERS[r["backend"]])] = r["samples_per_s"]
+        elif r["phase"] == "solve":
+            solve_speed[(*point, r["method"], r["backend"], r["device"])] = r["samples_per_s"]
     for r in rows:
         speed = r.get("samples_per_s")
         if not speed:
             continue
+        point = (r["family"], r["K"], r["N"], r["sweep_batch"])
         if r["backend"] in PEERS:
-            base = torch_speed.get((r["K"], r["N"], None, "ce", "cpu", "solve"))
+            base = torch_speed.get((*point, "ce", "cpu", "solve"))
         else:
-            base = torch_speed.get((r["K"], r["N"], r["sweep_batch"], r["method"], r["device"], r["phase"]))
+            base = torch_speed.get((*point, r["method"], r["device"], r["phase"]))
         if base:
             r["x_torch"] = speed / base
+        if r["phase"] == "estimate":
+            solve = solve_speed.get((*point, r["method"], r["backend"], r["device"]))
+            if solve:
+                r["estimate_over_solve"] = solve / speed
         if r["method"] == "ce" and r["sweep_batch"] is None and r["backend"] not in PEERS:
             for peer in ("scipy", "choix"):
-                if (r["K"], r["N"], peer) in peer_speed:
-                    r[f"x_{peer}"] = speed / peer_speed[(r["K"], r["N"], peer)]
+                if (r["family"], r["K"], r["N"], peer) in peer_speed:
+                    r[f"x_{peer}"] = speed / peer_speed[(r["family"], r["K"], r["N"], peer)]
 
 
 # ---------------------------------------------------------------------- main
@@ -493,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         nargs="+",
-        choices=dispatch.BACKEND_NAMES[1:],
+        choices=BACKEND_NAMES[1:],
         default=None,
         help="default: every available backend",
     )
@@ -502,6 +521,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--phases", nargs="+", choices=("solve", "estimate"), default=None)
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=workloads.FAMILIES,
+        default=None,
+        help="workload families to run (default: all; the sweeps are the subsets family)",
+    )
     parser.add_argument(
         "--peers",
         nargs="*",
@@ -518,6 +544,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-b-sweep", action="store_true", help="skip the batch-size sweep")
     parser.add_argument("--allow-interpret", action="store_true", help="also time Triton's CPU interpreter")
+    parser.add_argument(
+        "--native",
+        type=Path,
+        default=None,
+        help="load uhc_fast._native_cpu from this file (a copy: the in-place build may be replaced during a run)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     parser.add_argument("--tag", default=None, help="file name stem (default: the mode)")
     parser.add_argument("--no-plots", action="store_true")
@@ -529,6 +561,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.native is not None:
+        from .bench_native import use_native
+
+        use_native(args.native)
     threads = args.threads or machine.usable_cores()
     torch.set_num_threads(threads)
     with contextlib.suppress(ImportError):  # load scipy's own BLAS now, so that the cap below reaches it
@@ -553,34 +589,41 @@ def main(argv: list[str] | None = None) -> int:
     state = State()
     rows: list[dict] = []
     started = time.perf_counter()
-    for k, n, fixed in grid.points():
+    for family, k, n, fixed in grid.points():
+        if args.families and family not in args.families:
+            continue
+        sets = workloads.class_sets(family, k, n)
+        structure = {
+            key: value
+            for key, value in workloads.stats(uhc_fast.TeacherSet(sets, num_classes=k)).items()
+            if key not in ("N", "K")
+        }
         for device in sorted({t.device.type for t in targets}):
             on_device = [t for t in targets if t.device.type == device]
-            nnz = sum(len(cs) for cs in workloads.class_sets(k, n))
             batch = fixed or workloads.steady_batch(
-                nnz, grid.target_elements[device], grid.min_batch, grid.max_batch[device]
+                structure["nnz"], grid.target_elements[device], grid.min_batch, grid.max_batch[device]
             )
-            work = workloads.make(max(batch, grid.peer_samples), k, n, dtype=dtype, device=device)
+            work = workloads.make(max(batch, grid.peer_samples), k, n, family=family, dtype=dtype, device=device)
             methods = [m for m in args.methods if fixed is None or m in grid.b_sweep_methods]
             for method in methods:
-                problem = work.packed("ce" if method == "loss" else method)
                 for phase in grid.phases:
                     for target in on_device:
-                        row = measure_one(
-                            target, method, phase, work, problem, batch, fixed is not None, grid, state, tol
-                        )
-                        row.update(K=k, N=n, nnz=work.nnz, sweep_batch=fixed, dtype=args.dtype)
+                        row = measure_one(target, method, phase, work, batch, fixed is not None, grid, state, tol)
+                        row.update(family=family, K=k, N=n, sweep_batch=fixed, dtype=args.dtype, **structure)
                         rows.append(row)
                         _print_row(row)
             if device == "cpu" or "cpu" not in devices:
                 if fixed is None and "ce" in args.methods and args.peers:
-                    cpu_work = work if device == "cpu" else workloads.make(grid.peer_samples, k, n, dtype=dtype)
+                    cpu_work = work
+                    if device != "cpu":
+                        cpu_work = workloads.make(grid.peer_samples, k, n, family=family, dtype=dtype)
                     for row in measure_peers(cpu_work, grid, state, tol, args.choix_solver, tuple(args.peers)):
-                        row.update(K=k, N=n, nnz=work.nnz, sweep_batch=None, dtype="float64")
+                        row.update(family=family, K=k, N=n, sweep_batch=None, dtype="float64", **structure)
                         rows.append(row)
                         _print_row(row)
     add_ratios(rows)
     elapsed = time.perf_counter() - started
+    stamp["load_end"] = machine.load_average()
     for row in rows:
         row["mode"] = grid.name
         row.update(stamp)
@@ -597,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed_s=elapsed,
         dtype=args.dtype,
         tol=tol,
-        command=" ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
+        command=" ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
     )
     plots = []
     if not args.no_plots:
@@ -618,8 +661,8 @@ def _print_row(row: dict) -> None:
         extra = f" iters {row['iters_mean']:.1f}/{row['iters_max']} res {row['residual_max']:.1e}"
     text = f"{speed:12.4g} samples/s" if speed else f"{'-':>12} {row['status']}"
     print(
-        f"  K={row['K']:<6} N={row['N']:<4} B={row.get('batch', '-')!s:<6} {row['method']:<6} {row['phase']:<8} "
-        f"{row['backend'] + '/' + row['device']:<16} {text}{extra}",
+        f"  {row['family']:<8} K={row['K']:<6} N={row['N']:<4} G={row['G']:<6} B={row.get('batch', '-')!s:<6} "
+        f"{row['method']:<6} {row['phase']:<8} {row['backend'] + '/' + row['device']:<16} {text}{extra}",
         flush=True,
     )
 

@@ -1,32 +1,41 @@
-"""Fused Triton kernels (installed as ``uhc_fast.kernels``).
+"""Fused Triton kernels (installed as ``uhc_fast.kernels``); they import nothing from the package.
 
-One launch per method solves a tile of samples per program and keeps each sample's solver state
-on chip for all of its iterations. Host launchers take packed ``(B, nnz)`` values (float16,
-bfloat16, float32 or float64) and a :class:`~uhc_fast.problem.Layout`, and accumulate in float32
-(float64 for float64 values):
-
-- :func:`sd`, :func:`ce`, :func:`mf_p`, :func:`mf_lf`, :func:`mf_lu`: the soft-label solvers;
-- :func:`loss_forward`, :func:`loss_backward`: the direct `ce` training loss and its gradient.
-
-:mod:`.ops` wraps them as ``torch.library`` custom ops for ``torch.compile``.
+- :func:`solve` (:mod:`.launch`): one launch per call for `sd`, `ce`, `mf-p`, `mf-lf`, `mf-lu`, from
+  the teachers' arrays as they are (:mod:`.inputs` reads and validates them in the kernel) and the
+  layout's sparse tables (:mod:`.plan`); one sample per program of a persistent grid;
+- :mod:`.loss`: the direct `ce` training loss, forward and backward;
+- :mod:`.ops`: ``torch.library`` custom ops around both, for ``torch.compile``;
+- :mod:`.aot`: ahead-of-time compilation for sm_90 with ptxas statistics (no GPU needed);
+- :mod:`.topk`: per-sample class sets (teachers' top-k outputs).
 """
 
-from ._common import MAX_NEWTON_TEACHERS, MAX_TILE_TEACHERS, colmap, interpreting
-from .ce import ce
-from .loss import loss_backward, loss_forward
-from .mf import mf_lf, mf_lu, mf_p
-from .sd import sd
+from . import (
+    inputs,
+    launch,
+    loss,
+    ops,
+    plan,
+    topk,  # per-sample class sets (uhc_fast.estimate_topk)
+)
+from ._common import interpreting
+from .launch import MAX_TEACHERS, OUTPUTS, Settings, solve
+
+# the teacher limits under their earlier names: the Newton kernels (ce, mf-p) and the tile kernels
+MAX_NEWTON_TEACHERS = MAX_TEACHERS["ce"]
+MAX_TILE_TEACHERS = MAX_TEACHERS["mf-lf"]
 
 __all__ = [
     "MAX_NEWTON_TEACHERS",
+    "MAX_TEACHERS",
     "MAX_TILE_TEACHERS",
-    "ce",
-    "colmap",
+    "OUTPUTS",
+    "Settings",
+    "inputs",
     "interpreting",
-    "loss_backward",
-    "loss_forward",
-    "mf_lf",
-    "mf_lu",
-    "mf_p",
-    "sd",
+    "launch",
+    "loss",
+    "ops",
+    "plan",
+    "solve",
+    "topk",
 ]

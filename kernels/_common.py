@@ -1,35 +1,26 @@
-"""Pieces every kernel shares: the dense column map, tile sizes, launch geometry, on-chip solves.
+"""What every kernel shares: the plan header's positions, reductions, accurate ``expm1``/``log1p``,
+the sparse passes over the plan's tables, the launch grid and the device guard.
 
-Every kernel reads one sample's packed teacher outputs through a dense ``(N, K)`` *column map*:
-``colmap[i, l]`` is the packed column holding teacher ``i``'s output for class ``l``, or ``-1``
-where teacher ``i`` does not cover ``l``. A ``(BLOCK_N, BLOCK_K)`` tile of it turns the packed row
-into a dense teacher-by-class tile with one gather (the row is a few kilobytes, so the gather
-hits cache), which makes every per-class sum over teachers a reduction over axis 0 and every
-per-teacher sum over classes a reduction over axis 1: no scatter, no atomics.
+Layout of the work (all kernels): a *persistent* grid of programs, each solving samples
+``pid, pid + programs, ...`` one at a time with all of its warps. Within a sample the lanes run
+over the rows of the plan's SELL tables (classes, groups, entries, teacher pairs) or over a
+``(BLOCK_N, BLOCK_T)`` tile of teachers by their columns; N-sized solver state and ``N x N``
+systems live in registers; row-sized state (per class, per group, per entry) lives in a small
+per-program workspace in global memory that stays in L1/L2 (Triton exposes no shared memory),
+written and re-read by the same program. Inputs are read from HBM once and soft labels written
+once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..problem import Layout
-
-# Above this many teachers the N x N (or 2N x 2N) on-chip solves of `ce`, `mf-p` and `mf-lu` no
-# longer fit in registers; those methods then fall back to the torch reference (see the backend).
-MAX_NEWTON_TEACHERS = 64
-# The elementwise kernels (`sd`, `mf-lf`, the loss) keep a (BLOCK_N, BLOCK_K) tile; past this N
-# the tile would be all teachers and no classes.
-MAX_TILE_TEACHERS = 1024
-
-# Elements in one (BLOCK_N, BLOCK_K) tile: BLOCK_K follows from it (tests shrink it to get many tiles).
-TILE_BUDGET = 4096
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-_COLMAPS: dict[int, tuple[Layout, torch.Tensor]] = {}
+from . import plan as _plan
 
 
 def interpreting() -> bool:
@@ -37,109 +28,129 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compute_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, everything else float32."""
-    torch_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch_dtype, _TL_DTYPES[torch_dtype]
-
-
-def colmap(layout: Layout) -> torch.Tensor:
-    """The ``(N, K)`` int32 column map of ``layout`` (cached per layout object in eager mode;
-    rebuilt inside a ``torch.compile`` graph, where it is a handful of tiny ops)."""
-    if torch.compiler.is_compiling():
-        return _build_colmap(layout)
-    key = id(layout)
-    hit = _COLMAPS.get(key)
-    if hit is not None and hit[0] is layout:
-        return hit[1]
-    dense = _build_colmap(layout)
-    if len(_COLMAPS) > 64:  # layouts are cached per TeacherSet; this only bounds pathological use
-        _COLMAPS.clear()
-    _COLMAPS[key] = (layout, dense)
-    return dense
-
-
-def _build_colmap(layout: Layout) -> torch.Tensor:
-    n, k = layout.num_teachers, layout.num_classes
-    dense = torch.full((n * k,), -1, dtype=torch.int32, device=layout.class_index.device)
-    columns = torch.arange(layout.nnz, dtype=torch.int32, device=dense.device)
-    dense[layout.teacher_index * k + layout.class_index] = columns
-    return dense.view(n, k)
-
-
-def block_n(num_teachers: int) -> int:
-    """Teacher-axis tile: a power of two >= N, and >= 16 so that ``tl.dot`` accepts it."""
-    return max(16, triton.next_power_of_2(num_teachers))
-
-
-def block_k(num_classes: int, bn: int) -> int:
-    """Class-axis tile: keeps a (BLOCK_N, BLOCK_K) tile near ``TILE_BUDGET`` elements."""
-    return max(16, min(triton.next_power_of_2(num_classes), TILE_BUDGET // bn))
-
-
-def grid_rows(batch: int, rows_per_program: int | None, device: torch.device) -> tuple[int, int]:
-    """``(programs, rows_per_program)``: each program solves a contiguous tile of rows.
-
-    On a GPU the default aims at a few waves of programs per SM; in the interpreter one program
-    runs the whole batch (programs run one after another there anyway).
-    """
-    if rows_per_program is None:
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            rows_per_program = max(1, triton.cdiv(batch, sms * 8))
-        else:
-            rows_per_program = max(1, batch)
-    rows_per_program = max(1, int(rows_per_program))
-    return max(1, triton.cdiv(batch, rows_per_program)), rows_per_program
-
-
-def solution_buffers(batch: int, num_classes: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """What an iterative kernel writes: soft labels ``(B, K)``, iterations ``(B,)`` int32, residual ``(B,)``."""
-    return (
-        torch.empty(batch, num_classes, dtype=dtype, device=device),
-        torch.zeros(batch, dtype=torch.int32, device=device),
-        torch.zeros(batch, dtype=dtype, device=device),
-    )
-
-
 def device_function(fn):
     """``triton.jit`` for device functions, except under the interpreter.
 
     The interpreter re-patches ``triton.language`` on every call of a jitted function (about a
-    millisecond each), which dominates the per-chunk helpers; called from an interpreted kernel,
-    the plain Python function runs with the kernel's patches in place and computes the same.
+    millisecond each); called from an interpreted kernel, the plain Python function runs with the
+    kernel's patches in place and computes the same.
     """
     return fn if interpreting() else triton.jit(fn)
 
 
-def launch_count(grid: int) -> int:
-    if grid >= 2**31:
-        raise ValueError(f"{grid} programs exceed the launch grid; pass a larger rows_per_program")
-    return grid
+# ---------------------------------------------------------------------- plan header positions
+def _positions() -> dict[str, int]:
+    out = {name: i for i, name in enumerate(_plan.SCALARS)}
+    out.update({name: len(_plan.SCALARS) + i for i, name in enumerate(_plan.SECTIONS)})
+    return out
 
 
-def launch_geometry(batch: int, num_teachers: int, num_classes: int, rows_per_program, device):
-    """``(programs, rows_per_program, BLOCK_N, BLOCK_K)`` of one launch over ``batch`` rows."""
-    bn = block_n(num_teachers)
-    grid, rows = grid_rows(batch, rows_per_program, device)
-    return launch_count(grid), rows, bn, block_k(num_classes, bn)
+_POS = _positions()
+# scalar fields
+P_N = tl.constexpr(_POS["N"])
+P_K = tl.constexpr(_POS["K"])
+P_NNZ = tl.constexpr(_POS["nnz"])
+P_G = tl.constexpr(_POS["G"])
+P_E = tl.constexpr(_POS["E"])
+P_TMAX_COL = tl.constexpr(_POS["tmax_col"])
+P_TMAX_ENT = tl.constexpr(_POS["tmax_ent"])
+P_HELD = tl.constexpr(_POS["held"])
+P_G_CHUNKS = tl.constexpr(_POS["g_chunks"])
+P_C_CHUNKS = tl.constexpr(_POS["c_chunks"])
+P_E_CHUNKS = tl.constexpr(_POS["e_chunks"])
+P_GC_CHUNKS = tl.constexpr(_POS["gc_chunks"])
+P_PG_CHUNKS = tl.constexpr(_POS["pg_chunks"])
+P_PC_CHUNKS = tl.constexpr(_POS["pc_chunks"])
+P_PAIRS_G = tl.constexpr(_POS["pairs_g"])
+P_PAIRS_C = tl.constexpr(_POS["pairs_c"])
+P_PRIOR = tl.constexpr(_POS["prior"])
+# sections
+S_OFFSETS = tl.constexpr(_POS["offsets"])
+S_CLASS_INDEX = tl.constexpr(_POS["class_index"])
+S_TCH_PTR = tl.constexpr(_POS["tch_ptr"])
+S_ENT_GROUP = tl.constexpr(_POS["ent_group"])
+S_ENT_TEACHER = tl.constexpr(_POS["ent_teacher"])
+S_CLASS_GROUP = tl.constexpr(_POS["class_group"])
+S_CLASS_DEGREE = tl.constexpr(_POS["class_degree"])
+S_ANCHOR = tl.constexpr(_POS["anchor"])
+S_G_WIDTH = tl.constexpr(_POS["g_width"])
+S_G_BASE = tl.constexpr(_POS["g_base"])
+S_G_TCH = tl.constexpr(_POS["g_tch"])
+S_G_POS = tl.constexpr(_POS["g_pos"])
+S_C_WIDTH = tl.constexpr(_POS["c_width"])
+S_C_BASE = tl.constexpr(_POS["c_base"])
+S_C_TCH = tl.constexpr(_POS["c_tch"])
+S_C_COL = tl.constexpr(_POS["c_col"])
+S_E_WIDTH = tl.constexpr(_POS["e_width"])
+S_E_BASE = tl.constexpr(_POS["e_base"])
+S_E_COL = tl.constexpr(_POS["e_col"])
+S_GC_WIDTH = tl.constexpr(_POS["gc_width"])
+S_GC_BASE = tl.constexpr(_POS["gc_base"])
+S_GC_CLS = tl.constexpr(_POS["gc_cls"])
+S_PG_WIDTH = tl.constexpr(_POS["pg_width"])
+S_PG_BASE = tl.constexpr(_POS["pg_base"])
+S_PG_GRP = tl.constexpr(_POS["pg_grp"])
+S_PG_I = tl.constexpr(_POS["pg_i"])
+S_PG_J = tl.constexpr(_POS["pg_j"])
+S_PG_INDEX = tl.constexpr(_POS["pg_index"])
+S_PC_WIDTH = tl.constexpr(_POS["pc_width"])
+S_PC_BASE = tl.constexpr(_POS["pc_base"])
+S_PC_CLS = tl.constexpr(_POS["pc_cls"])
+S_PC_COLI = tl.constexpr(_POS["pc_coli"])
+S_PC_COLJ = tl.constexpr(_POS["pc_colj"])
+S_PC_I = tl.constexpr(_POS["pc_i"])
+S_PC_J = tl.constexpr(_POS["pc_j"])
+S_PC_INDEX = tl.constexpr(_POS["pc_index"])
+
+# codes of the teacher table's kind column
+KIND_PROBS = tl.constexpr(0)
+KIND_LOGITS = tl.constexpr(1)
+KIND_PRIOR = tl.constexpr(2)  # the alpha prior teacher: no data, uniform probabilities / zero logits
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-# ---------------------------------------------------------------------- device functions
+def tl_dtype(dtype: torch.dtype):
+    """The ``triton.language`` dtype of a torch float dtype."""
+    return _TL[dtype]
+
+
+# ---------------------------------------------------------------------- device helpers
+@device_function
+def as_i64(x):
+    """``x`` as an int64 scalar (loop indices are Python ints under the interpreter)."""
+    return tl.zeros((), tl.int64) + x
+
+
+@device_function
+def hdr(tables, position):
+    """A scalar field of the plan header."""
+    return tl.load(tables + position)
+
+
+@device_function
+def sec(tables, position):
+    """A section of the plan (an int32 pointer)."""
+    return tables + tl.load(tables + position)
+
+
 if interpreting():
-    # tl.sum / tl.max are themselves jitted, so each call pays the interpreter's re-patching;
-    # tl.reduce with their combine functions takes the interpreter's numpy fast path instead.
+    # tl.sum / tl.max are jitted, so each call pays the interpreter's re-patching; tl.reduce with
+    # their combine functions takes its numpy fast path instead.
     def rsum(x, axis):
         return tl.reduce(x, axis, tl.standard._sum_combine)
 
     def rmax(x, axis):
         return tl.reduce(x, axis, tl.standard._elementwise_max)
 
+    def rmin(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_min)
+
 else:
 
     @triton.jit
     def rsum(x, axis: tl.constexpr):
-        """``tl.sum`` (a float tile in, its dtype out)."""
+        """``tl.sum``."""
         return tl.sum(x, axis=axis)
 
     @triton.jit
@@ -147,91 +158,71 @@ else:
         """``tl.max``."""
         return tl.max(x, axis=axis)
 
-
-@device_function
-def map_tile(colmap_ptr, num_teachers, num_classes, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_N, BLOCK_K) tile of the column map at classes ``k0:k0+BLOCK_K``.
-
-    Returns ``(col, present, offs_k)``: packed columns (int32, -1 where absent or out of range),
-    the coverage mask as a bool tile, and the class offsets of the tile.
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    inside = (offs_n[:, None] < num_teachers) & (offs_k[None, :] < num_classes)
-    col = tl.load(colmap_ptr + offs_n[:, None] * num_classes + offs_k[None, :], mask=inside, other=-1)
-    return col, col >= 0, offs_k
+    @triton.jit
+    def rmin(x, axis: tl.constexpr):
+        """``tl.min``."""
+        return tl.min(x, axis=axis)
 
 
 @device_function
-def gather(row_ptr, col, present, DT: tl.constexpr):
-    """The packed row's values at ``col`` as a dense tile in ``DT`` (zero where absent)."""
-    return tl.load(row_ptr + col, mask=present, other=0.0).to(DT)
+def expm1(x):
+    """``exp(x) - 1`` to full relative precision near 0 (Kahan's formulation on exp and log;
+    libdevice's expm1 is not available to the interpreter)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    small = (um1 == 0.0) | (um1 == -1.0) | (u == float("inf"))
+    safe_log = tl.where(small, 1.0, tl.log(tl.where(small, 2.0, u)))
+    value = um1 * x / safe_log
+    return tl.where(um1 == 0.0, x, tl.where(small, um1, value))
 
 
 @device_function
-def teacher_scales(row_ptr, colmap_ptr, num_teachers, num_classes, DT, BLOCK_N, BLOCK_K):
-    """``1 / sum_{l in L_i} p_il`` per teacher (0 for padding): probabilities are renormalised in
-    the accumulation dtype, so half-precision rows that no longer sum to one exactly (which would
-    leave `ce` without an optimum) cost nothing but this pass."""
-    sums = tl.zeros((BLOCK_N,), dtype=DT)
-    for k0 in range(0, num_classes, BLOCK_K):
-        col, present, _offs_k = map_tile(colmap_ptr, num_teachers, num_classes, k0, BLOCK_N, BLOCK_K)
-        sums += rsum(gather(row_ptr, col, present, DT), axis=1)
-    return tl.where(sums > 0, 1.0 / tl.where(sums > 0, sums, 1.0), 0.0)
+def log1p(x):
+    """``log(1 + x)`` to full relative precision near 0 (Kahan's formulation)."""
+    u = 1.0 + x
+    exact = u == 1.0
+    den = tl.where(exact, 1.0, u - 1.0)
+    return tl.where(exact, x, tl.log(u) * (x / den))
 
 
 @device_function
-def spd_solve(a, b, n, BLOCK_N: tl.constexpr):
-    """Solve ``a x = b`` by Gauss-Jordan elimination without pivoting, on chip.
-
-    ``a`` is ``(BLOCK_N, BLOCK_N)`` symmetric, identity outside its leading ``n x n`` block; ``b``
-    is ``(BLOCK_N,)``. Returns ``(x, ok)``: ``ok`` is False when a pivot is not > 0, which is
-    exactly when ``a`` is not positive definite (the pivots are those of its LDL^T factor).
-    """
-    idx = tl.arange(0, BLOCK_N)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    ok = n >= 0
-    for k in range(0, n):
-        row_k = rsum(tl.where(rows == k, a, 0.0), axis=0)
-        col_k = rsum(tl.where(cols == k, a, 0.0), axis=1)
-        pivot = rsum(tl.where(idx == k, row_k, 0.0), axis=0)
-        b_k = rsum(tl.where(idx == k, b, 0.0), axis=0)
-        good = pivot > 0  # False for NaN too
-        ok = ok & good
-        safe = tl.where(good, pivot, 1.0)
-        factor = tl.where(idx == k, 0.0, col_k / safe)
-        a = a - factor[:, None] * row_k[None, :]
-        b = b - factor * b_k
-        a = tl.where(rows == k, a / safe, a)
-        b = tl.where(idx == k, b / safe, b)
-    return b, ok
+def pick(vec, offs, k):
+    """``vec[k]`` of a register vector as a scalar (k may be a runtime value)."""
+    return rsum(tl.where(offs == k, vec, 0.0), 0)
 
 
 @device_function
-def spd_solve_many(a, m, b, n, BLOCK_N: tl.constexpr):
-    """As :func:`spd_solve`, for a matrix right-hand side ``m`` and a vector ``b`` at once.
+def teacher_vector(tables, position, N, BLOCK_N: tl.constexpr):
+    """``(start, size)`` per teacher of a CSR pointer section (``offsets`` or ``tch_ptr``) as
+    ``(BLOCK_N,)`` int32 vectors (size 0 beyond N)."""
+    offs = tl.arange(0, BLOCK_N)
+    ptr = sec(tables, position)
+    real = offs < N
+    lo = tl.load(ptr + offs, mask=real, other=0)
+    hi = tl.load(ptr + offs + 1, mask=real, other=0)
+    return lo, hi - lo
 
-    Returns ``(a^-1 m, a^-1 b, ok)``.
-    """
-    idx = tl.arange(0, BLOCK_N)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    ok = n >= 0
-    for k in range(0, n):
-        row_k = rsum(tl.where(rows == k, a, 0.0), axis=0)
-        col_k = rsum(tl.where(cols == k, a, 0.0), axis=1)
-        m_k = rsum(tl.where(rows == k, m, 0.0), axis=0)
-        pivot = rsum(tl.where(idx == k, row_k, 0.0), axis=0)
-        b_k = rsum(tl.where(idx == k, b, 0.0), axis=0)
-        good = pivot > 0
-        ok = ok & good
-        safe = tl.where(good, pivot, 1.0)
-        factor = tl.where(idx == k, 0.0, col_k / safe)
-        a = a - factor[:, None] * row_k[None, :]
-        m = m - factor[:, None] * m_k[None, :]
-        b = b - factor * b_k
-        a = tl.where(rows == k, a / safe, a)
-        m = tl.where(rows == k, m / safe, m)
-        b = tl.where(idx == k, b / safe, b)
-    return m, b, ok
+
+# ---------------------------------------------------------------------- launch
+def num_programs(batch: int, device: torch.device, per_sm: int) -> int:
+    """Programs of a persistent launch: a few per SM on a GPU, one in the interpreter (its programs
+    run one after another anyway)."""
+    if batch <= 0:
+        return 0
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(batch, sms * per_sm))
+    return 1
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for CUDA tensors (Triton launches on the current device),
+    nothing otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def block_teachers(num_teachers: int, least: int = 2) -> int:
+    """The teacher-axis tile: a power of two >= N."""
+    return max(least, triton.next_power_of_2(num_teachers))

@@ -1,71 +1,84 @@
-"""`sd` (zero-pad and average) as one memory-bound kernel: two passes over each row in cache."""
+"""`sd` (zero-pad and average): ``q_l`` proportional to ``sum_{i covers l} w_i p_il``.
+
+Memory-bound: per sample, the teachers' rows are read once (``read_sample``: validated and
+renormalised into the program's value row), one pass over the class table forms each class's
+evidence in float64 (its covering teachers in ascending order, as the reference adds them), and
+the soft labels are written once. Work: ``nnz`` gathers and ``K`` stores; no per-teacher tile, so
+any number of teachers.
+"""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, gather, launch_geometry, map_tile, rsum, teacher_scales
+from ._common import P_C_CHUNKS, P_K, S_C_BASE, S_C_COL, S_C_TCH, S_C_WIDTH, as_i64, device_function, hdr, rsum, sec
+from .inputs import read_sample
 
 
-@triton.jit
+@device_function
+def class_evidence(tables, vals, weights_ptr, n_out, BLOCK_R: tl.constexpr):
+    """``n_l = sum_{i covers l} w_i p_il`` (float64) for every class into ``n_out``; returns its sum."""
+    K = hdr(tables, P_K)
+    chunks = hdr(tables, P_C_CHUNKS)
+    width_ptr = sec(tables, S_C_WIDTH)
+    base_ptr = sec(tables, S_C_BASE)
+    tch_ptr = sec(tables, S_C_TCH)
+    col_ptr = sec(tables, S_C_COL)
+    lanes = tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_R,), tl.float64)
+    for c in range(chunks):
+        width = tl.load(width_ptr + c)
+        base = tl.load(base_ptr + c)
+        rows = c * BLOCK_R + lanes
+        n = tl.zeros((BLOCK_R,), tl.float64)
+        for j in range(width):
+            at = base + j * BLOCK_R + lanes
+            t = tl.load(tch_ptr + at)
+            ok = t >= 0
+            w = tl.load(weights_ptr + t, mask=ok, other=0.0)
+            p = tl.load(vals + tl.load(col_ptr + at), mask=ok, other=0.0).to(tl.float64)
+            n += w * p
+        tl.store(n_out + rows, n, mask=rows < K)
+        total += n
+    tl.debug_barrier()
+    return rsum(total, 0)
+
+
+@triton.jit(do_not_specialize=["batch", "vals_stride", "ws_stride"])
 def _sd_kernel(
-    values_ptr,  # (B, nnz) packed teacher probabilities, any float dtype
-    weights_ptr,  # (N,) teacher weights
-    colmap_ptr,  # (N, K) int32 packed column of (teacher, class), -1 where absent
-    out_ptr,  # (B, K) soft labels, DT
-    batch,  # B
-    nnz,  # packed columns per row
-    num_teachers,  # N
-    num_classes,  # K
-    rows_per_program,  # rows of the tile this program solves
-    DT: tl.constexpr,  # accumulation dtype (float32 or float64)
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    teachers_ptr,  # (N, 4) int64 teacher table (inputs.py)
+    tables,  # int32 plan buffer (plan.py)
+    weights_ptr,  # (N,) float64 teacher weights
+    params_ptr,  # (4,) float64: temperature, eps, sum tolerance, tol
+    vals_ptr,  # (programs, vals_stride) VDT: each program's value row
+    ws_ptr,  # (programs, ws_stride) float64 workspace: class evidence (K)
+    out_ptr,  # (B, K) soft labels, in the answers' dtype
+    errors_ptr,  # (N, 4) int64 first failing row per teacher and check
+    batch,
+    vals_stride,
+    ws_stride,
+    IN_DT: tl.constexpr,  # the teachers' stored dtype
+    VDT: tl.constexpr,  # the value row's dtype (the answers')
+    BLOCK_R: tl.constexpr,  # SELL chunk height (the plan's block_rows)
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    w = tl.load(weights_ptr + offs_n, mask=offs_n < num_teachers, other=0.0).to(DT)
-    first = tl.program_id(0).to(tl.int64) * rows_per_program
-    last = tl.minimum(first + rows_per_program, batch)
-    for row in range(first, last):
-        row_ptr = values_ptr + row * nnz
-        out_row = out_ptr + row * num_classes
-        scaled = w * teacher_scales(row_ptr, colmap_ptr, num_teachers, num_classes, DT, BLOCK_N, BLOCK_K)
-        total = rsum(tl.where(scaled > 0, w, 0.0), axis=0)
-        for k0 in range(0, num_classes, BLOCK_K):
-            col, present, offs_k = map_tile(colmap_ptr, num_teachers, num_classes, k0, BLOCK_N, BLOCK_K)
-            evidence = rsum(scaled[:, None] * gather(row_ptr, col, present, DT), axis=0)
-            tl.store(out_row + offs_k, evidence / total, mask=offs_k < num_classes)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    vals = vals_ptr + pid.to(tl.int64) * vals_stride
+    n_row = ws_ptr + pid.to(tl.int64) * ws_stride
+    K = hdr(tables, P_K)
+    lanes = tl.arange(0, BLOCK_R)
+    for b in range(pid, batch, programs):
+        read_sample(b, teachers_ptr, tables, vals, errors_ptr, params_ptr, IN_DT, VDT, False, BLOCK_R)
+        total = class_evidence(tables, vals, weights_ptr, n_row, BLOCK_R)
+        out_row = out_ptr + as_i64(b) * K
+        for k0 in range(0, K, BLOCK_R):
+            k = k0 + lanes
+            n = tl.load(n_row + k, mask=k < K, other=0.0)
+            tl.store(out_row + k, (n / total).to(out_ptr.dtype.element_ty), mask=k < K)
+        tl.debug_barrier()
 
 
-def sd(
-    values: torch.Tensor, weights: torch.Tensor, cmap: torch.Tensor, rows_per_program: int | None = None
-) -> torch.Tensor:
-    """``(B, nnz)`` packed probabilities -> ``(B, K)`` soft labels ``q_l ∝ sum_i w_i p_il``.
-
-    Each teacher's probabilities are renormalised to sum 1 in the accumulation dtype first.
-
-    Accumulates in float32 (float64 for float64 values); the output has the accumulation dtype.
-    """
-    batch, nnz = values.shape
-    torch_dt, tl_dt = compute_dtype(values.dtype)
-    out = torch.empty(batch, cmap.shape[1], dtype=torch_dt, device=values.device)
-    if batch == 0:
-        return out
-    grid, rows, bn, bk = launch_geometry(batch, cmap.shape[0], cmap.shape[1], rows_per_program, values.device)
-    _sd_kernel[(grid,)](
-        values,
-        weights,
-        cmap,
-        out,
-        batch,
-        nnz,
-        cmap.shape[0],
-        cmap.shape[1],
-        rows,
-        DT=tl_dt,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-    )
-    return out
+def workspace(sizes: dict) -> tuple[int, int]:
+    """``(value row, float64 workspace)`` elements per program: the class evidence (K)."""
+    return sizes["nnz"], sizes["K"]

@@ -1,15 +1,13 @@
-"""The estimate / inspect / info subcommands, and the progress display."""
+"""The estimate / inspect / info subcommands, and the progress bar."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 
 from uhc_fast import commands
-from uhc_fast.progress import Progress
 
 from .test_stream import chunked_reference, make_job
 
@@ -136,30 +134,31 @@ def test_full_cli_has_these_commands():
 
 
 # ---------------------------------------------------------------------- progress
-class _Tty(io.StringIO):
-    def isatty(self):
-        return True
+def test_progress_bar_only_on_request_off_a_terminal(tmp_path, capsys):
+    manifest, _ = make_job(tmp_path, batch=90)
+    argv = ["estimate", str(manifest), "--method", "sd", "--chunk-size", "30"]
+    assert commands.main([*argv, "--out", str(tmp_path / "quiet.npy")]) == 0
+    quiet = capsys.readouterr().err
+    assert "%|" not in quiet and quiet.startswith("wrote ")
+    assert commands.main([*argv, "--out", str(tmp_path / "loud.npy"), "--progress"]) == 0
+    loud = capsys.readouterr().err
+    assert "sd: 100%|" in loud and "90.0/90.0 [" in loud and " samples/s]" in loud
+    assert commands.main([*argv, "--out", str(tmp_path / "none.npy"), "--no-progress"]) == 0
+    assert "%|" not in capsys.readouterr().err
 
 
-def test_progress_is_quiet_off_a_terminal_unless_asked():
-    quiet = io.StringIO()
-    with Progress(100, "x", stream=quiet) as bar:
-        bar.update(100)
-    assert quiet.getvalue() == ""
-    loud = io.StringIO()
-    with Progress(100, "job", stream=loud, enabled=True) as bar:
-        bar.update(40)
-        bar.update(60)
-    lines = loud.getvalue().splitlines()
-    assert lines[0].startswith("job: 40/100 samples ( 40.0%)") and "samples/s" in lines[0]
-    assert lines[-1].startswith("job: 100/100 samples (100.0%)") and len(lines) == 2
-
-
-def test_progress_redraws_one_line_on_a_terminal():
-    tty = _Tty()
-    with Progress(10, "t", stream=tty, interval=0.0, initial=4) as bar:
-        bar.update(3)
-        bar.update(3)
-    out = tty.getvalue()
-    assert out.count("\r") == 2 and out.endswith("\n") and "10/10 samples" in out
-    assert "4/10" not in out  # resumed samples count toward the total, not as a redraw
+def test_progress_of_a_resumed_job_starts_at_the_finished_samples(tmp_path, capsys):
+    manifest, _ = make_job(tmp_path, batch=90)
+    good = np.load(tmp_path / "teacher1.npy")
+    bad = good.copy()
+    bad[70, 0] = np.nan  # in the third chunk
+    np.save(tmp_path / "teacher1.npy", bad)
+    argv = ["estimate", str(manifest), "--method", "sd", "--chunk-size", "30", "--out", str(tmp_path / "s.npy")]
+    assert commands.main(argv) == commands.EXIT_ERROR
+    assert "teacher 1 ('t1'), sample 70: outputs contain NaN or Inf" in capsys.readouterr().err
+    np.save(tmp_path / "teacher1.npy", good)
+    assert commands.main([*argv, "--resume", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("\rsd:  67%|") and "60.0/90.0 [" in err  # the bar starts at the two chunks kept
+    assert "sd: 100%|" in err
+    assert "3 chunks, 2 were already done" in err

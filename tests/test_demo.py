@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import uhc_fast
 
 pytest.importorskip("sklearn")
 from uhc_fast import demo
@@ -22,6 +26,24 @@ def test_import_uhc_fast_needs_neither_sklearn_nor_matplotlib():
     assert out.split() == ["False", "False"]
 
 
+def test_demo_uses_only_the_public_api():
+    """The demo is a client layer: from uhc_fast it imports public names only, never internals."""
+    for path in Path(demo.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{path.name}: relative import outside uhc_fast.demo"
+            elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "uhc_fast":
+                assert node.module == "uhc_fast", f"{path.name} imports {node.module}"
+                assert {a.name for a in node.names} <= set(uhc_fast.__all__), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "uhc_fast" for a in node.names), path.name
+
+
+def test_python_m_uhc_fast_demo():
+    proc = subprocess.run([sys.executable, "-m", "uhc_fast.demo", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
 def test_class_sets_cover_every_class_twice_and_connect():
     config = demo.DemoConfig()
     for seed in range(20):
@@ -30,7 +52,7 @@ def test_class_sets_cover_every_class_twice_and_connect():
         assert all(config.min_classes <= len(s) <= config.max_classes for s in sets)
         coverage = np.bincount([c for s in sets for c in s], minlength=demo.NUM_CLASSES)
         assert coverage.min() >= 2
-        assert demo.TeacherSet(sets).is_connected
+        assert uhc_fast.TeacherSet(sets).is_connected
 
 
 def test_split_is_disjoint_and_sources_hold_only_their_classes():
@@ -91,10 +113,13 @@ def test_demo_is_registered_in_the_cli(tmp_path):
     assert args.func is not None
 
 
-def test_same_seed_same_numbers():
+def test_same_seed_same_numbers_and_progress_counts_every_step(capsys):
     config = demo.DemoConfig(splits=1, teachers=4, student_epochs=2, teacher_epochs=2, methods=("sd", "ce"))
-    first = demo.run(config, progress=False)
+    first = demo.run(config, progress=True)
+    # 4 teachers + the centralised model + 2 soft-label students + the UHCLoss student
+    assert "8/8" in capsys.readouterr().err
     second = demo.run(config, progress=False)
+    assert capsys.readouterr().err == ""
     assert first.splits[0].student_accuracy == second.splits[0].student_accuracy
     assert first.splits[0].label_accuracy == second.splits[0].label_accuracy
 

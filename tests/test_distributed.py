@@ -13,6 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from uhc_fast.stream import estimate_manifest
+from uhc_fast.stream.lock import OutputLock
 
 from .test_stream import REPO, make_job, run_cli
 
@@ -61,7 +62,24 @@ def test_two_ranks_match_one_process(tmp_path):
     assert side["status"] == "complete" and side["world_size"] == 2
     # Each rank took one contiguous range of chunks.
     assert [c["rank"] for c in side["chunks"]] == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert not (tmp_path / "two.npy.partial").exists()
+    assert not (tmp_path / "two.npy.partial").exists() and not (tmp_path / "two.npy.lock").exists()
+
+
+def test_every_rank_stops_while_another_job_writes_the_output(tmp_path):
+    manifest, _ = make_job(tmp_path, batch=100)
+    lock = OutputLock(tmp_path / "soft.npy.lock")  # held by this process, as by a running job
+    lock.acquire()
+    try:
+        proc = torchrun(
+            ["estimate", str(manifest), "--method", "sd", "--no-progress", "--out", str(tmp_path / "soft.npy")]
+        )
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    running = f"is being written by a running job (pid {os.getpid()} "
+    assert f"uhc-fast estimate: error: {tmp_path / 'soft.npy'} {running}" in proc.stderr  # rank 0
+    assert f"uhc-fast estimate: error: rank 0: JobError: {tmp_path / 'soft.npy'} {running}" in proc.stderr  # rank 1
+    assert not (tmp_path / "soft.npy.partial").exists() and not (tmp_path / "soft.npy").exists()
 
 
 @pytest.mark.slow

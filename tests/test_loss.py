@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import uhc_fast
-from uhc_fast import UHCLoss, class_balance_weights, distillation_loss
+from uhc_fast import UHCLoss, backends, class_balance_weights, distillation_loss
+from uhc_fast.reference import direct_ce_loss
 
-from .problems import consistent_outputs, noisy, random_class_sets, random_soft_labels
+from .problems import consistent_outputs, make, random_soft_labels
 
 
 def setup(batch=6, num_classes=9, num_teachers=4, seed=0):
-    sets = random_class_sets(num_classes, num_teachers, 0.4, np.random.default_rng(seed))
-    q = random_soft_labels(batch, num_classes, seed)
-    return sets, noisy(consistent_outputs(q, sets), 0.4, seed)
+    problem = make(seed, batch=batch, classes=num_classes, teachers=num_teachers, noise=0.4)
+    return problem.sets, problem.outputs
 
 
 def test_gradcheck_float64():
@@ -82,8 +82,12 @@ def test_loss_errors():
         loss_fn(torch.zeros(5, 9), outputs)
     with pytest.raises(ValueError, match=r"reduction='avg'"):
         UHCLoss(sets, reduction="avg")
-    with pytest.raises(ValueError, match=r"backend='gpu'"):
+    with pytest.raises(uhc_fast.InputError, match=r"backend='gpu': expected one of"):
         UHCLoss(sets, backend="gpu")
+    with pytest.raises(uhc_fast.InputError, match=r"teacher 1, row 2: outputs contain NaN or Inf"):
+        bad = [x.clone() for x in outputs]
+        bad[1][2, 0] = float("nan")
+        loss_fn(torch.zeros(6, 9), bad)
 
 
 def test_distillation_loss_is_cross_entropy_with_class_weights():
@@ -108,3 +112,82 @@ def test_class_balance_weights():
     assert isinstance(class_balance_weights(soft.numpy()), np.ndarray)
     with pytest.raises(ValueError, match=r"soft_labels must be \(B, K\)"):
         class_balance_weights(torch.zeros(0, 3))
+
+
+def test_the_cpu_backend_trains_with_the_reference_loss_and_says_so():
+    sets, outputs = setup()
+    cpu = backends.select("cpu", torch.device("cpu")) if uhc_fast.info()["cpu"]["available"] else None
+    if cpu is None:
+        pytest.skip("the cpu backend is not available")
+    assert cpu.loss is direct_ce_loss and uhc_fast.info()["cpu"]["loss"] == "the torch reference"
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    on_cpu = UHCLoss(sets, backend="cpu", reduction="none")(logits, outputs)
+    on_torch = UHCLoss(sets, backend="torch", reduction="none")(logits, outputs)
+    assert torch.equal(on_cpu, on_torch)
+    (grad_cpu,) = torch.autograd.grad(on_cpu.sum(), logits)
+    (grad_torch,) = torch.autograd.grad(on_torch.sum(), logits)
+    assert torch.equal(grad_cpu, grad_torch)
+
+
+def test_float64_student_with_float32_teachers():
+    sets, outputs = setup()
+    narrow = [p.float() for p in outputs]
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    loss = UHCLoss(sets, reduction="none")(logits, narrow)
+    assert loss.dtype == torch.float64
+    loss.sum().backward()
+    assert logits.grad.dtype == torch.float64
+    # the float32 teachers, renormalised in float64: the float64 loss of those values
+    widened = [p.double() for p in narrow]
+    torch.testing.assert_close(
+        loss.detach(), UHCLoss(sets, reduction="none")(logits.detach(), widened), rtol=1e-6, atol=0
+    )
+    # and a float32 student with float64 teachers computes in float64 too
+    assert UHCLoss(sets)(logits.detach().float(), outputs).dtype == torch.float64
+
+
+def test_disconnected_graph_default_alpha_is_estimates_and_so_is_the_minimiser():
+    sets = [[0, 1, 2], [1, 2, 3], [4, 5, 6], [6, 7, 5]]
+    q = random_soft_labels(3, 8, 5, sharpness=1.0)
+    outputs = consistent_outputs(q, sets)
+    teachers = uhc_fast.TeacherSet(sets)
+    loss_fn = UHCLoss(teachers, reduction="sum")
+    logits = torch.zeros(3, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(uhc_fast.DisconnectedClassesWarning, match=r"2 components"):
+        loss_fn(logits, outputs)
+    explicit = UHCLoss(sets, alpha=uhc_fast.DEFAULT_DISCONNECTED_ALPHA, reduction="sum")
+    torch.testing.assert_close(loss_fn(logits, outputs), explicit(logits, outputs), rtol=0, atol=0)
+    without = UHCLoss(sets, alpha=1e-12, reduction="sum")
+    assert float((loss_fn(logits, outputs) - without(logits, outputs)).detach()) > 1e-3  # the prior is in the loss
+    optimiser = torch.optim.LBFGS(
+        [logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimiser.zero_grad()
+        loss = loss_fn(logits, outputs)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    expected = uhc_fast.estimate(outputs, teachers, "ce", backend="torch")  # the same default alpha
+    torch.testing.assert_close(torch.softmax(logits.detach(), dim=1), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.interpret
+def test_triton_loss_matches_the_reference():
+    try:
+        backends.select("triton", torch.device("cpu"))
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    sets, outputs = setup(batch=3, num_classes=6, num_teachers=3)
+    for dtype in (torch.float32, torch.float64):
+        logits = torch.randn(3, 6, dtype=dtype, requires_grad=True)
+        teachers = [p.to(dtype) for p in outputs]
+        fused = UHCLoss(sets, backend="triton", weights=[1.0, 2.0, 0.5], reduction="none")(logits, teachers)
+        reference = UHCLoss(sets, backend="torch", weights=[1.0, 2.0, 0.5], reduction="none")(logits, teachers)
+        atol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(fused, reference, atol=atol, rtol=0)
+        (grad_fused,) = torch.autograd.grad(fused.sum(), logits)
+        (grad_reference,) = torch.autograd.grad(reference.sum(), logits)
+        torch.testing.assert_close(grad_fused, grad_reference, atol=atol, rtol=0)

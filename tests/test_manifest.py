@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from uhc_fast.manifest import ManifestError, load_manifest
+from uhc_fast.stream import ManifestError, load_manifest
 
 
 def write_npy_job(folder: Path, teachers: list[dict], arrays: list[np.ndarray], classes=None) -> Path:

@@ -98,8 +98,9 @@ def test_scipy_matches_ce(peers, seed):
 
 def test_objective_gradient_matches_autograd(peers):
     """The scipy peer's hand-written gradient against torch autograd of the reference loss."""
-    from uhc_fast.inputs import pack
-    from uhc_fast.loss import direct_ce_loss
+    from uhc_fast.inputs import convert, pack
+    from uhc_fast.options import Options
+    from uhc_fast.reference import direct_ce_loss
 
     rng = np.random.default_rng(7)
     probs = [rng.dirichlet(np.ones(len(cs))) for cs in CLASS_SETS]
@@ -108,7 +109,10 @@ def test_objective_gradient_matches_autograd(peers):
     u = rng.normal(size=K)
     value, grad = peers.ce_objective(u, np.concatenate(probs), weights, layout)
 
-    problem, _ = pack([torch.from_numpy(p[None, :]) for p in probs], uhc_fast.TeacherSet(CLASS_SETS), weights=weights)
+    batch = convert(
+        [torch.from_numpy(p[None, :]) for p in probs], uhc_fast.TeacherSet(CLASS_SETS), Options(weights=weights)
+    )
+    problem = pack(batch, "probs", torch.float64)
     ut = torch.tensor(u[None, :], requires_grad=True)
     loss = direct_ce_loss(ut, problem).sum()
     loss.backward()

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import uhc_fast
-from uhc_fast.manifest import ManifestError, load_manifest
-from uhc_fast.stream import JobError, estimate_manifest, output_paths
+from uhc_fast.stream import JobError, ManifestError, estimate_manifest, load_manifest, output_paths
 
 REPO = Path(uhc_fast.__file__).resolve().parent.parent
 # Class sets over K=9 classes with a connected overlap graph; class 8 is covered by one teacher.
@@ -237,10 +236,13 @@ def test_changed_inputs_are_a_different_job(tmp_path):
     out = tmp_path / "soft.npy"
     estimate_manifest(manifest, out, "sd", progress=False)
     arr = np.load(tmp_path / "teacher0.npy")
+    before = os.stat(tmp_path / "teacher0.npy")
     np.save(tmp_path / "teacher0.npy", arr[:, ::-1].copy())  # new content, same shape
-    os.utime(tmp_path / "teacher0.npy", ns=(1, 1))
-    with pytest.raises(JobError, match=r"differs in \['manifest'\]"):
+    os.utime(tmp_path / "teacher0.npy", ns=(before.st_atime_ns, before.st_mtime_ns))  # not a matter of dates
+    with pytest.raises(JobError, match=r"different job \(the inputs changed: teacher 't0' in chunk \[0\]\)"):
         estimate_manifest(manifest, out, "sd", progress=False)
+    np.save(tmp_path / "teacher0.npy", arr)  # the same values again, at a new date: the same job
+    assert estimate_manifest(manifest, out, "sd", progress=False).status == "already complete"
 
 
 def test_partial_job_needs_resume_and_same_settings(tmp_path):
@@ -254,7 +256,7 @@ def test_partial_job_needs_resume_and_same_settings(tmp_path):
     assert not out.exists() and not (tmp_path / "soft.json").exists()
     with pytest.raises(JobError, match="interrupted job; pass --resume"):
         estimate_manifest(manifest, out, "sd", chunk_size=50, progress=False)
-    with pytest.raises(JobError, match=r"different inputs or settings \(differs in \['method'\]\)"):
+    with pytest.raises(JobError, match=r"different settings or teachers \(differs in \['method'\]\)"):
         estimate_manifest(manifest, out, "ce", chunk_size=50, resume=True, progress=False)
     with pytest.raises(JobError, match="chunk_size=50"):
         estimate_manifest(manifest, out, "sd", chunk_size=64, resume=True, progress=False)

@@ -6,20 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch
-from .inputs import pack
+from . import backends
+from .constants import DEFAULT_EPS
+from .errors import InputError
+from .inputs import Batch, Solution, convert
+from .options import Options
 from .problem import TeacherSet, as_teacher_set
-from .reference.common import default_tol
-
-# method -> the value kind it works on
-METHODS = {"sd": "probs", "ce": "probs", "mf-p": "probs", "mf-lf": "logits", "mf-lu": "logits"}
-ITERATIVE = ("ce", "mf-p", "mf-lu")
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {tuple(METHODS)}")
-    return method
 
 
 def estimate(
@@ -27,14 +19,14 @@ def estimate(
     class_sets: Sequence[Sequence] | TeacherSet,
     method: str = "ce",
     *,
-    inputs: str = "probs",
+    inputs: str | Sequence[str] = "probs",
     num_classes: int | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
     temperature: float = 1.0,
     alpha: float | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
-    eps: float = 1e-12,
+    eps: float = DEFAULT_EPS,
     backend: str = "auto",
     return_info: bool = False,
 ):
@@ -46,15 +38,17 @@ def estimate(
             numpy arrays.
         class_sets: N sequences of class indices or names, or a :class:`TeacherSet`.
         method: ``"sd"``, ``"ce"``, ``"mf-p"``, ``"mf-lf"`` or ``"mf-lu"`` (see the README).
-        inputs: ``"probs"`` (rows sum to 1) or ``"logits"``.
+        inputs: ``"probs"`` (rows sum to 1) or ``"logits"``, or one of those per teacher.
         num_classes: K, declaring classes no teacher covers (they get zero mass).
         weights: ``(N,)`` positive per-teacher weights (default 1).
         temperature: teacher logits (or log-probabilities) are divided by it before use.
         alpha: weight of a uniform pseudo-teacher over all covered classes. Default: 0 when the
             class-overlap graph is connected, else 0.01 with a warning naming the components.
-        tol: convergence threshold of the iterative methods' residual (default 1e-9 in float64,
-            1e-5 in float32 computation).
-        max_iter: iteration cap: Newton (`ce`, `mf-p`) or Gauss-Newton (`mf-lu`) steps, default 100.
+        tol: convergence threshold of the iterative methods (default 1e-9 in float64, 1e-5 in
+            float32 computation). A row is ``converged`` when its method's scale-free optimality
+            residual and the correction its next Newton step would make to the soft labels are
+            both at most ``tol``: its soft labels are then within about ``tol`` of the optimum.
+        max_iter: iteration cap: Newton (`ce`, `mf-p`, `mf-lu`) steps, default 100.
         eps: probabilities are clamped to ``eps`` before taking logs (logit-space methods).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         return_info: also return a dict of diagnostics.
@@ -62,46 +56,58 @@ def estimate(
     Returns:
         ``(B, K)`` soft labels, rows summing to 1: a tensor on the inputs' device (float64 if any
         input is float64, else float32), or a numpy array when every input was numpy. With
-        ``return_info``, ``(soft, info)``; for iterative methods ``info`` holds per-sample
-        ``iterations``, ``residual`` and ``converged``.
+        ``return_info``, ``(soft, info)``; ``info`` names the ``method`` and the ``backend`` that
+        ran, and for iterative methods holds per-sample ``iterations``, ``residual`` and
+        ``converged`` (and method-specific diagnostics).
     """
-    check_method(method)
-    dispatch.check_backend_name(backend)
-    if tol is not None and not (tol > 0):
-        raise ValueError(f"tol={tol}: must be > 0")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 0):
-        raise ValueError(f"max_iter={max_iter!r}: must be an int >= 0")
-    teachers = as_teacher_set(class_sets, num_classes)
-    problem, converted = pack(
-        outputs,
-        teachers,
+    options = Options(
+        method=method,
         inputs=inputs,
-        value_kind=METHODS[method],
         weights=weights,
         temperature=temperature,
         alpha=alpha,
+        tol=tol,
+        max_iter=max_iter,
         eps=eps,
+        backend=backend,
     )
-    chosen = dispatch.select(backend, converted.device, method)
-    tol = default_tol(converted.compute_dtype) if tol is None else float(tol)
-    solution = chosen.solvers[method](problem, tol, max_iter)
-    soft = solution.soft
-    if converted.numpy_out:
-        soft = soft.cpu().numpy()
-    if not return_info:
-        return soft
+    batch = convert(outputs, as_teacher_set(class_sets, num_classes), options)
+    solution = solve(batch)
+    soft = solution.soft.cpu().numpy() if batch.numpy_out else solution.soft
+    return (soft, diagnostics(batch, solution)) if return_info else soft
+
+
+def solve(batch: Batch) -> Solution:
+    """Run ``batch`` on the backend its options choose for its device and method."""
+    spec = batch.options.spec
+    chosen = backends.select(batch.options.backend, batch.device, spec.name)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in batch.tensors):
+        teacher = next(i for i, x in enumerate(batch.tensors) if x.requires_grad)
+        raise InputError(
+            "outputs require grad, but estimate does not differentiate soft labels with respect to the "
+            "teachers' outputs (they are training targets): pass outputs.detach(), or train through "
+            "uhc_fast.UHCLoss",
+            teacher=teacher,
+        )
+    return chosen.solve(batch, spec)
+
+
+def diagnostics(batch: Batch, solution: Solution) -> dict:
+    """The ``info`` dict of :func:`estimate`."""
+    options, teachers = batch.options, batch.teachers
     details = {
-        "method": method,
-        "backend": chosen.name,
-        "alpha": float(problem.weights[-1]) if problem.teachers is not teachers else 0.0,
+        "method": options.method,
+        "backend": solution.backend,
+        "alpha": batch.alpha,
         "uncovered_classes": list(teachers.uncovered),
         "components": len(teachers.components),
     }
-    if method in ITERATIVE:
+    if options.spec.iterative:
         details.update(
-            tol=tol,
+            tol=options.tol_for(solution.soft.dtype),
             iterations=solution.iterations,
             residual=solution.residual,
-            converged=solution.residual <= tol,
+            converged=solution.converged,
+            **(solution.extra or {}),
         )
-    return soft, details
+    return details

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from . import commands
+from .demo import cli as demo_cli
+
 # Each module exposes ``register(subparsers)``, adding subcommands with ``set_defaults(func=...)``.
-COMMAND_MODULES = ("uhc_fast.commands", "uhc_fast.demo")
+COMMAND_MODULES = (commands, demo_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uhc-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from .api import METHODS
-from .dispatch import BACKEND_NAMES
+from .constants import DEFAULT_EPS
+from .methods import NAMES as METHODS
+from .options import BACKEND_NAMES
 from .stream import OUT_DTYPES
 
 EXIT_ERROR = 2
@@ -23,7 +24,9 @@ def register(subparsers) -> None:
         "estimate",
         help="stream soft labels for every sample of a manifest into a .npy",
         description="Estimate soft labels over the union of the teachers' classes for every sample of a "
-        "manifest, chunk by chunk, into a (B, K) .npy plus a JSON sidecar. Resumable; runs under torchrun.",
+        "manifest, chunk by chunk, into a (B, K) .npy plus a JSON sidecar. Resumable; runs under torchrun. "
+        "A top-k manifest (teachers with 'indices' and 'values' files: docs/topk.md) merges each sample's "
+        "listed ids instead, into (B, M) ids (<out stem>.indices.npy) and soft labels (methods ce, sd).",
     )
     p.add_argument("manifest", help="the job's manifest JSON (see docs/manifest.md)")
     p.add_argument("--out", required=True, help="output .npy (the sidecar is the same path with .json)")
@@ -45,11 +48,20 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=None, help="weight of the uniform prior teacher")
     p.add_argument("--tol", type=float, default=None, help="convergence threshold of iterative methods")
     p.add_argument("--max-iter", type=int, default=None, help="iteration cap of iterative methods")
-    p.add_argument("--eps", type=float, default=1e-12, help="probability floor before logs (default 1e-12)")
+    p.add_argument(
+        "--eps", type=float, default=DEFAULT_EPS, help=f"probability floor before logs (default {DEFAULT_EPS:g})"
+    )
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted job, keeping finished chunks")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted job, keeping the finished chunks whose inputs are unchanged",
+    )
     p.add_argument("--force", action="store_true", help="delete existing outputs of this path and start over")
+    p.add_argument(
+        "--wait", action="store_true", help="if another job is writing --out, wait for it to finish instead of failing"
+    )
     bar = p.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",
@@ -86,8 +98,7 @@ def _fail(command: str, err: BaseException) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .manifest import ManifestError
-    from .stream import JobError, estimate_manifest
+    from .stream import JobError, ManifestError, estimate_manifest
 
     try:
         result = estimate_manifest(
@@ -106,6 +117,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             device=args.device,
             resume=args.resume,
             force=args.force,
+            wait=args.wait,
             progress=args.progress,
         )
     except (ManifestError, JobError, ValueError, OSError) as err:
@@ -121,6 +133,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     rate = result.samples_run / result.seconds if result.seconds > 0 else 0.0
     ranks = f" on {result.world_size} ranks" if result.world_size > 1 else ""
     resumed = f", {result.chunks_before} were already done" if result.chunks_before else ""
+    if result.chunks_changed:
+        resumed += f", {result.chunks_changed} recomputed because their inputs changed"
     extra = f" + {result.indices}" if result.indices else ""
     print(
         f"wrote {result.out}{extra} and {result.sidecar}: {result.chunks_total} chunks{resumed}{ranks}; "
@@ -135,6 +149,36 @@ def describe_manifest(manifest) -> dict:
     from .stream import default_chunk_size
 
     m = manifest
+    if m.topk:
+        slots = m.slots
+        return {
+            "manifest": str(m.path) if m.path else None,
+            "mode": "topk",
+            "samples": m.num_samples,
+            "vocab_size": m.vocab_size,
+            "teachers": [
+                {
+                    "name": t.name,
+                    "kind": t.kind,
+                    "k": t.shape[1],
+                    "weight": t.weight,
+                    "indices": str(t.indices.path),
+                    "values": str(t.values.path),
+                    "ids_dtype": str(t.indices.dtype).replace("torch.", ""),
+                    "dtype": str(t.dtype).replace("torch.", ""),
+                    "vocab_map": str(t.map_path) if t.map_path else None,
+                    "bytes": t.shape[0] * t.row_bytes,
+                }
+                for t in m.teachers
+            ],
+            "size": {
+                "slots_per_sample": slots,
+                "input_bytes": m.input_bytes,
+                "output_bytes": {dt: m.num_samples * slots * (d.itemsize + 4) for dt, d in OUT_DTYPES.items()},
+                "default_chunk_size": default_chunk_size(m),
+            },
+            "digest": m.digest,
+        }
     ts = m.teacher_set
     coverage = ts.mask.sum(0).tolist()
     names = list(m.class_names)
@@ -178,7 +222,7 @@ def describe_manifest(manifest) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .manifest import ManifestError, load_manifest
+    from .stream import ManifestError, load_manifest
 
     try:
         m = load_manifest(args.manifest)
@@ -187,6 +231,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     d = describe_manifest(m)
     if args.json:
         print(json.dumps(d, indent=1))
+        return 0
+    if d.get("mode") == "topk":
+        _print_topk(d)
         return 0
     print(f"manifest  {d['manifest']}")
     print(f"samples   {d['samples']}")
@@ -224,11 +271,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_topk(d: dict) -> None:
+    print(f"manifest  {d['manifest']}")
+    print("mode      top-k: each sample's soft labels over the union of the ids its teachers list")
+    print(f"samples   {d['samples']}")
+    print(f"vocab     {d['vocab_size'] if d['vocab_size'] is not None else 'no bound given'}")
+    print(f"teachers  {len(d['teachers'])}")
+    width = max(len(t["name"]) for t in d["teachers"])
+    for t in d["teachers"]:
+        mapped = f"  map {t['vocab_map']}" if t["vocab_map"] else ""
+        print(
+            f"  {t['name']:<{width}}  {t['kind']:<8}  k={t['k']:<5} {t['ids_dtype']}/{t['dtype']:<8}  "
+            f"weight {t['weight']:g}  {_bytes(t['bytes']):>9}  {t['values']}{mapped}"
+        )
+    s = d["size"]
+    print(
+        f"size      {s['slots_per_sample']} listed ids per sample at most, inputs {_bytes(s['input_bytes'])}, "
+        f"outputs at most {_bytes(s['output_bytes']['float32'])} (float32 + int32 ids); "
+        f"default chunk {s['default_chunk_size']} samples"
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .dispatch import info
+    from .backends import info
 
     report = info()
     report["uhc_fast_version"] = __version__

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import dispatch
-from .inputs import PackedProblem, pack, segment_logsumexp
+from . import backends
+from .inputs import convert, pack
+from .options import Options
 from .problem import TeacherSet, as_teacher_set
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -29,17 +30,6 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
-def direct_ce_loss(student_logits: torch.Tensor, problem: PackedProblem) -> torch.Tensor:
-    """Reference per-sample loss ``sum_i w_i [logsumexp_{L_i} u - sum_{l in L_i} p_il u_l]``, ``(B,)``.
-
-    Its gradient is ``sum_{i: l in L_i} w_i (softmax_{L_i}(u)_l - p_il)``, by autograd.
-    """
-    layout, w = problem.layout, problem.weights
-    packed = student_logits[:, layout.class_index]
-    lse = segment_logsumexp(packed, layout)
-    return lse @ w - (packed * problem.values * w[layout.teacher_index]).sum(dim=1)
-
-
 class UHCLoss(nn.Module):
     """The direct `ce` loss: train a student over all K classes on heterogeneous teachers.
 
@@ -54,10 +44,12 @@ class UHCLoss(nn.Module):
         inputs: ``"probs"`` or ``"logits"``: what the teachers' outputs are.
         temperature: T; teacher logits and student logits are both divided by T and the loss is
             multiplied by ``T**2`` (Hinton's convention, keeping gradient scale independent of T).
-        alpha: weight of a uniform pseudo-teacher over covered classes (default 0).
+        alpha: weight of a uniform pseudo-teacher over covered classes; the same default as
+            :func:`uhc_fast.estimate` (0 on a connected class-overlap graph, else 0.01 with a
+            warning), so that the loss's minimiser is ``estimate``'s `ce` soft labels.
         reduction: ``"mean"`` over samples (default), ``"sum"``, or ``"none"`` for ``(B,)``.
-        backend: as for :func:`uhc_fast.estimate`; backends without a fused loss use the
-            reference.
+        backend: as for :func:`uhc_fast.estimate`. The Triton backend runs a fused kernel; the
+            others run the torch reference (:func:`uhc_fast.reference.direct_ce_loss`).
     """
 
     def __init__(
@@ -68,19 +60,22 @@ class UHCLoss(nn.Module):
         weights=None,
         inputs: str = "probs",
         temperature: float = 1.0,
-        alpha: float = 0.0,
+        alpha: float | None = None,
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         self.teachers = as_teacher_set(class_sets, num_classes)
-        self.weights = weights
-        self.inputs = inputs
-        self.temperature = float(temperature)
-        self.alpha = alpha
+        self.options = Options(
+            method="ce",
+            inputs=inputs,
+            weights=weights,
+            temperature=temperature,
+            alpha=alpha,
+            backend=backend,
+        )
+        self.temperature = self.options.temperature
         self.reduction = _check_reduction(reduction)
-        dispatch.check_backend_name(backend)
-        self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, outputs: Sequence) -> torch.Tensor:
         k = self.teachers.num_classes
@@ -90,27 +85,17 @@ class UHCLoss(nn.Module):
             raise ValueError(f"student_logits must be (B, {k}), got shape {tuple(student_logits.shape)}")
         if not student_logits.is_floating_point():
             raise TypeError(f"student_logits must be floating point, got {student_logits.dtype}")
-        problem, converted = pack(
-            outputs,
-            self.teachers,
-            inputs=self.inputs,
-            value_kind="probs",
-            weights=self.weights,
-            temperature=self.temperature,
-            alpha=self.alpha,
-        )
-        if converted.batch_size != student_logits.shape[0]:
+        batch = convert(outputs, self.teachers, self.options)
+        if batch.batch_size != student_logits.shape[0]:
             raise ValueError(
-                f"student_logits has {student_logits.shape[0]} rows but the teachers' outputs have "
-                f"{converted.batch_size}"
+                f"student_logits has {student_logits.shape[0]} rows but the teachers' outputs have {batch.batch_size}"
             )
-        if converted.device != student_logits.device:
-            raise ValueError(f"student_logits are on {student_logits.device}, teacher outputs on {converted.device}")
+        if batch.device != student_logits.device:
+            raise ValueError(f"student_logits are on {student_logits.device}, teacher outputs on {batch.device}")
+        problem = pack(batch, "probs")
         logits = student_logits / self.temperature if self.temperature != 1.0 else student_logits
-        chosen = dispatch.select(self.backend, logits.device, need_loss=True)
-        loss = chosen.loss if chosen.loss is not None else direct_ce_loss
-        dtype = torch.promote_types(logits.dtype, problem.values.dtype)
-        per_sample = loss(logits.to(dtype), problem) * self.temperature**2
+        chosen = backends.select(self.options.backend, logits.device)
+        per_sample = chosen.loss(logits, problem) * self.temperature**2
         return _reduce(per_sample, self.reduction)
 
 
@@ -125,9 +110,13 @@ def distillation_loss(
 
     ``-T**2 sum_l c_l q_l log softmax(u / T)_l`` per sample, with ``c`` from
     :func:`class_balance_weights` (or all ones). Shapes: logits and soft labels ``(B, K)``,
-    class weights ``(K,)``.
+    class weights ``(K,)``. Sparse targets, as :func:`uhc_fast.estimate_topk` returns them, are
+    the pair ``soft_labels=(ids, soft)``: ``(B, M)`` class ids (``-1`` padding) and their soft
+    labels; the sum then runs over each row's listed ids (the softmax over all K classes).
     """
     _check_reduction(reduction)
+    if isinstance(soft_labels, tuple):
+        return _sparse_distillation_loss(student_logits, *soft_labels, class_weights, temperature, reduction)
     if isinstance(soft_labels, np.ndarray):
         soft_labels = torch.from_numpy(soft_labels)
     soft_labels = soft_labels.to(device=student_logits.device, dtype=student_logits.dtype)
@@ -142,6 +131,32 @@ def distillation_loss(
         if class_weights.shape != (student_logits.shape[1],):
             raise ValueError(f"class_weights must be ({student_logits.shape[1]},), got {tuple(class_weights.shape)}")
         target = target * class_weights
+    per_sample = -(target * log_q).sum(dim=1) * temperature**2
+    return _reduce(per_sample, reduction)
+
+
+def _sparse_distillation_loss(student_logits, ids, soft, class_weights, temperature, reduction):
+    """:func:`distillation_loss` on ``(B, M)`` ids (-1: padding) and their soft labels."""
+    ids = torch.from_numpy(ids) if isinstance(ids, np.ndarray) else ids
+    soft = torch.from_numpy(soft) if isinstance(soft, np.ndarray) else soft
+    ids = ids.to(device=student_logits.device, dtype=torch.int64)
+    soft = soft.to(device=student_logits.device, dtype=student_logits.dtype)
+    batch, classes = student_logits.shape
+    if ids.shape != soft.shape or ids.dim() != 2 or ids.shape[0] != batch:
+        raise ValueError(
+            f"sparse targets must be (ids, soft) of one shape (B={batch}, M), "
+            f"got {tuple(ids.shape)} and {tuple(soft.shape)}"
+        )
+    listed = ids >= 0
+    if bool((ids >= classes).any()):
+        raise ValueError(f"target ids must be below the student's {classes} classes, got {int(ids.max())}")
+    log_q = torch.log_softmax(student_logits / temperature, dim=1).gather(1, ids.clamp_min(0))
+    target = torch.where(listed, soft, 0)
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=student_logits.dtype, device=student_logits.device)
+        if class_weights.shape != (classes,):
+            raise ValueError(f"class_weights must be ({classes},), got {tuple(class_weights.shape)}")
+        target = target * class_weights[ids.clamp_min(0)]
     per_sample = -(target * log_q).sum(dim=1) * temperature**2
     return _reduce(per_sample, reduction)
 

@@ -1,11 +1,10 @@
-// The CUDA launcher: one thread per sample (grid-stride), running the same per-sample solvers as
-// the CPU backend (csrc/core/solvers.h). The grid (thread count, interleaved workspace, what each
-// thread does) is csrc/grid.h, which the CPU module can also run on the CPU.
+// The CUDA launcher: one thread per sample (grid-stride), each a one-lane tile of the same solvers
+// as the CPU backend (csrc/core/). The grid (thread count, interleaved workspace, what each thread
+// does) is csrc/grid.h, which the CPU module can also run on the CPU.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "cuda/launch.h"
 
@@ -13,11 +12,15 @@ namespace uhc {
 namespace {
 
 constexpr int kBlock = 128;
+// Blocks per SM the register budget must allow: the closed forms stay lean (memory-bound); the
+// Newton solvers may use up to 255 registers rather than spill (ptxas's own cap spilled them).
+constexpr int min_blocks(int method) { return method == kSD || method == kMFLF ? 4 : 1; }
 
-template <class Acc, class In>
-__global__ void __launch_bounds__(kBlock) solve_kernel(Problem<Acc, In> prob, Acc* workspace, int64_t threads) {
+// One kernel per (method, answer dtype): each is sized by its own method's registers.
+template <int M, class Out>
+__global__ void __launch_bounds__(kBlock, min_blocks(M)) solve_kernel(Problem<Out> prob, double* workspace, int64_t threads) {
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (tid < threads) solve_grid_thread(prob, workspace, tid, threads);
+  if (tid < threads) solve_grid_thread<M>(prob, workspace, tid, threads);
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -34,14 +37,9 @@ void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t works
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   dispatch_dtype(args, [&](const auto& prob) {
-    using Acc = std::remove_pointer_t<decltype(prob.soft)>;
-    using In = std::remove_const_t<std::remove_pointer_t<decltype(prob.values)>>;
-    // 16-bit values are widened by the caller: two instantiations per architecture keep nvcc fast
-    if constexpr (std::is_same_v<In, float> || std::is_same_v<In, double>) {
-      solve_kernel<<<blocks, kBlock, 0, s>>>(prob, reinterpret_cast<Acc*>(workspace), threads);
-    } else {
-      throw std::invalid_argument("the CUDA kernels take float32 or float64 values");
-    }
+    with_method(prob.method, [&](auto m) {
+      solve_kernel<decltype(m)::value><<<blocks, kBlock, 0, s>>>(prob, reinterpret_cast<double*>(workspace), threads);
+    });
   });
   check_cuda(cudaGetLastError(), "solve_kernel launch");
 }

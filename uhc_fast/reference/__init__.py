@@ -1,14 +1,17 @@
 """Plain-PyTorch implementations of every method: the definition of correct, on any device.
 
-Each solver takes a :class:`~uhc_fast.inputs.PackedProblem` and returns a :class:`Solution`.
-They are batched over samples (no Python loop per sample) and compute in the problem's dtype.
+Each solver takes a :class:`~uhc_fast.inputs.PackedProblem`, the tolerance and the iteration cap,
+and returns a :class:`~uhc_fast.inputs.Solution`. They are batched over samples (no Python loop
+per sample) and compute in the problem's dtype. :func:`direct_ce_loss` is the training loss.
 """
 
 from __future__ import annotations
 
 from .ce import solve_ce
-from .common import Solution
-from .mf import mf_lf_system, solve_mf_lf, solve_mf_lu, solve_mf_p
+from .loss import direct_ce_loss
+from .mf_lf import solve_mf_lf
+from .mf_lu import solve_mf_lu
+from .mf_p import solve_mf_p
 from .sd import solve_sd
 
 SOLVERS = {
@@ -19,4 +22,4 @@ SOLVERS = {
     "mf-lu": solve_mf_lu,
 }
 
-__all__ = ["SOLVERS", "Solution", "mf_lf_system", "solve_ce", "solve_mf_lf", "solve_mf_lu", "solve_mf_p", "solve_sd"]
+__all__ = ["SOLVERS", "direct_ce_loss", "solve_ce", "solve_mf_lf", "solve_mf_lu", "solve_mf_p", "solve_sd"]

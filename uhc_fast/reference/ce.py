@@ -6,91 +6,143 @@ convex dual
 
     F(t) = sum_l n_l log D_l(t) - sum_i w_i t_i        (N unknowns, not K).
 
-Newton on F converges in a handful of steps where the MM (Zermelo/Hunter) iteration needs
-hundreds; a backtracking line search makes it globally convergent. ``H 1 = 0`` and ``g . 1 = 0``
-(F is invariant to a common shift of t), so the all-ones rank-one term fixes the gauge.
+Its gradient is ``g_i = sum_{l in L_i} (pi_il n_l - w_i p_il)`` (``pi_il = r_i / D_l``), summed after
+each class's difference is formed: a class only teacher i covers contributes exactly 0, so where a
+teacher is linked to the others only through a class of tiny mass, its gradient keeps the
+precision of that class's term instead of drowning in the rounding of ``w_i`` (``r_i sum_l n_l /
+D_l - w_i`` loses it). Its Hessian is the weighted graph Laplacian of the teachers with links
+``W_ij = r_i r_j sum_l M_il M_jl n_l / D_l^2``: F is invariant to a common shift of t, so the last
+teacher is grounded (its step is 0) and the rest is solved by positive elimination
+(:func:`uhc_fast.linalg.grounded_laplacian_solve`), which keeps the relative precision of weak links
+(teachers joined only through classes of tiny mass: the hard case).
+
+Precision: the solver's state (t, evidence, gradient, primal point, line search) is float64
+whatever the input dtype; the Newton system is assembled and solved in the answer's dtype (float32
+for float32 inputs), which sets how fast the iteration converges, not where it stops. Where
+teachers' weights span orders of magnitude, the problem's conditioning would amplify float32
+rounding in the state to errors of 1e-4 and more.
+
+Globalisation: a Newton step is capped at ``MAX_LOG_STEP`` in every t_i (far from the optimum it can
+ask for far more than its quadratic model holds), then backtracked from the full step with Armijo's
+test on ``F(t + a d) - F(t) = a g.d + sum_l n_l (log(1 + sum_i pi_il expm1(a d_i)) - a m_l)``
+(``pi_il = r_i / D_l``, ``m_l = sum_i pi_il d_i``), whose terms are computed without cancelling the
+large values of F.
+
+Convergence (``tol``) asks two things of the returned point: the relative optimality residual
+``max_l |q_l sum_{i covers l} w_i / S_i(q) / n_l - 1|`` over classes with evidence (each class's own
+KKT condition, whatever its mass), and the Newton correction ``max_l |dq_l|`` the next step would
+make to the soft labels. The first alone is blind where two groups of classes are joined only
+through a class of tiny mass: there every class satisfies its condition to rounding while the split
+of mass between the groups is off by 0.3; the Newton step sees that error. A row that meets both
+takes that last (tiny) step and stops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..inputs import PackedProblem
-from .common import DEFAULT_MAX_ITER, Solution, backtrack, default_tol, evidence, masked_gram, row_chunks, teacher_pairs
+from ..constants import ARMIJO, MAX_HALVINGS, MAX_LOG_STEP
+from ..inputs import PackedProblem, Solution, scatter_classes, segment_sum
+from ..linalg import grounded_laplacian_solve
+from .common import full_precision, masked_gram, row_chunks, teacher_pairs
 
 
-def solve_ce(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
-    """Solve ``min_q J(q)`` per sample to KKT residual ``tol`` (see :func:`kkt_residual`)."""
-    values = problem.values
-    tol = default_tol(values.dtype) if tol is None else tol
-    max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    mask = problem.layout.mask_as(values.dtype)
-    n = evidence(problem)
-    batch, (teachers, classes) = values.shape[0], mask.shape
-    soft = torch.zeros_like(n)
-    iterations = torch.zeros(batch, dtype=torch.int32, device=values.device)
-    residual = torch.zeros(batch, dtype=values.dtype, device=values.device)
-    for rows in row_chunks(batch, teachers * classes):
-        soft[rows], iterations[rows], residual[rows] = _newton(n[rows], mask, problem.weights, tol, max_iter)
-    return Solution(soft, iterations, residual)
+def solve_ce(problem: PackedProblem, tol: float, max_iter: int) -> Solution:
+    """Solve ``min_q J(q)`` per sample (see the module docstring for what ``tol`` asks)."""
+    values, layout = problem.values, problem.layout
+    batch, classes = values.shape[0], layout.num_classes
+    outputs = {
+        "soft": torch.zeros(batch, classes, dtype=problem.dtype, device=values.device),
+        "iterations": torch.zeros(batch, dtype=torch.int32, device=values.device),
+        "converged": torch.zeros(batch, dtype=torch.bool, device=values.device),
+    }
+    for name in ("residual", "abs_residual", "step"):
+        outputs[name] = torch.zeros(batch, dtype=problem.dtype, device=values.device)
+    weights = problem.weights.double()
+    e = values.double() * weights[layout.teacher_index]  # (B, nnz) packed evidence w_i p_il
+    mask = layout.mask_as(torch.float64)
+    system_mask = layout.mask_as(problem.dtype)
+    pairs = teacher_pairs(system_mask)
+    for rows in row_chunks(batch, layout.nnz, 1 << 21):  # float64 temporaries stay in cache
+        result = _newton(e[rows], layout, mask, system_mask, weights, pairs, tol, max_iter)
+        for name, value in result.items():
+            outputs[name][rows] = value
+    return Solution(
+        outputs["soft"],
+        outputs["iterations"],
+        outputs["residual"],
+        outputs["converged"],
+        {"abs_residual": outputs["abs_residual"], "step": outputs["step"]},
+    )
 
 
-def kkt_residual(q: torch.Tensor, n: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``max_l |q_l sum_{i: l in L_i} w_i / S_i(q) - n_l| / sum_i w_i`` per sample, ``(B,)``.
-
-    Zero exactly at the optimum; dividing by the total weight makes it scale-free.
-    """
-    s = q @ mask.T
-    return (q * ((weights / s) @ mask) - n).abs().amax(dim=1) / weights.sum()
-
-
-def _primal(t, n, mask, covered):
-    r = torch.exp(t - t.amax(dim=1, keepdim=True))
-    d = (r @ mask).clamp_min(torch.finfo(t.dtype).tiny)
-    q = torch.where(covered, n / d, 0)
-    return q / q.sum(dim=1, keepdim=True)
-
-
-def _dual(t, n, mask, weights):
-    """F(t) per sample, shift-safe (evaluated at t - max t plus the shift's exact contribution)."""
-    top = t.amax(dim=1, keepdim=True)
-    r = torch.exp(t - top)
-    log_d = torch.log((r @ mask).clamp_min(torch.finfo(t.dtype).tiny)) + top
-    return (n * log_d).sum(dim=1) - (weights * t).sum(dim=1)
-
-
-def _newton(n, mask, weights, tol, max_iter):
-    covered = mask.any(dim=0)
+def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
+    """Newton on the dual for float64 packed evidence ``e`` ``(B, nnz)``, the Newton systems
+    assembled and solved in ``system_mask``'s dtype; returns the outputs of its rows."""
+    batch, device = e.shape[0], e.device
+    ci, ti = layout.class_index, layout.teacher_index
+    tiny = torch.finfo(torch.float64).tiny
+    n = scatter_classes(e, layout)  # a class one teacher covers: exactly that teacher's evidence
+    evidence = n > 0
     total = weights.sum()
-    eye = torch.eye(mask.shape[0], dtype=n.dtype, device=n.device)
-    eps = torch.finfo(n.dtype).eps
-    pairs = teacher_pairs(mask)
-    q = n / n.sum(dim=1, keepdim=True)  # sd: a good start
-    t = torch.log(weights) - torch.log(q @ mask.T)
-    iterations = torch.zeros(n.shape[0], dtype=torch.int32, device=n.device)
-    for step in range(max_iter + 1):
-        q = _primal(t, n, mask, covered)
-        residual = kkt_residual(q, n, mask, weights)
-        active = torch.nonzero(residual > tol).flatten()
-        if active.numel() == 0 or step == max_iter:
-            break
-        ta, na = t[active], n[active]
+    t = torch.log(weights) - torch.log((n / n.sum(dim=1, keepdim=True)) @ mask.T)  # sd's q gives the start
+    out = {
+        "iterations": torch.zeros(batch, dtype=torch.int32, device=device),
+        "converged": torch.zeros(batch, dtype=torch.bool, device=device),
+    }
+    for name in ("residual", "abs_residual", "step"):
+        out[name] = torch.zeros(batch, dtype=torch.float64, device=device)
+    active = torch.arange(batch, device=device)
+    for iteration in range(max_iter + 1):
+        ta, ea, na, ev = t[active], e[active], n[active], evidence[active]
         r = torch.exp(ta - ta.amax(dim=1, keepdim=True))
-        d = r @ mask
-        x = torch.where(covered, na / d, 0)
-        a = r * (x @ mask.T)  # sum_l n_l pi_il
-        grad = a - weights
-        curvature = masked_gram(torch.where(covered, x / d, 0), mask, pairs)  # sum_l M_il M_jl n_l / D_l^2
-        hess = torch.diag_embed(a) - r.unsqueeze(2) * r.unsqueeze(1) * curvature
-        hess = hess + total / mask.shape[0] + (eps * total) * eye  # gauge + a whisper of ridge
-        delta = torch.linalg.solve(hess, -grad)
+        d = (r @ mask).clamp_min(tiny)
+        x = torch.where(ev, na / d, 0)
+        q = x / x.sum(dim=1, keepdim=True)
 
-        (t[active],) = backtrack(
-            lambda step: (ta + step.unsqueeze(1) * delta,),
-            lambda cand: _dual(cand, na, mask, weights),
-            _dual(ta, na, mask, weights),
-            (grad * delta).sum(dim=1),
-            (ta,),
+        # the two convergence measures, at this point (mass_i = Z S_i(q))
+        mass = x @ mask.T
+        kkt = ((weights / mass) @ mask) / d  # q_l sum_{i covers l} w_i / S_i / n_l
+        gap = torch.where(ev, (kkt - 1).abs(), 0)
+        out["residual"][active] = gap.amax(dim=1)
+        out["abs_residual"][active] = (na * gap).amax(dim=1) / total
+        grad = segment_sum((r[:, ti] / d[:, ci]) * na[:, ci] - ea, layout)
+        sys_dtype = system_mask.dtype
+        rs = r.to(sys_dtype)
+        links = (
+            rs.unsqueeze(2) * rs.unsqueeze(1) * masked_gram(torch.where(ev, x / d, 0).to(sys_dtype), system_mask, pairs)
         )
-        iterations[active] += 1
-    return q, iterations, residual
+        links.diagonal(dim1=1, dim2=2).zero_()
+        reduced, _ = grounded_laplacian_solve(links[:, :-1, :-1], links[:, :-1, -1], -grad[:, :-1].to(sys_dtype))
+        step = torch.cat([reduced, reduced.new_zeros(reduced.shape[0], 1)], dim=1).double()
+        step = step * (MAX_LOG_STEP / step.abs().amax(dim=1, keepdim=True).clamp_min(MAX_LOG_STEP))
+        with full_precision():
+            m = ((r * step) @ mask) / d  # m_l = sum_i pi_il step_i
+        change = q * ((q * m).sum(dim=1, keepdim=True) - m)  # the step's first-order change of q
+        out["step"][active] = change.abs().amax(dim=1)
+        done = (out["residual"][active] <= tol) & (out["step"][active] <= tol)
+        out["converged"][active] = done
+
+        # backtracking from the full step; a converged row may take only the full (tiny) step, and
+        # a row out of iterations none
+        slope = (grad * step).sum(dim=1)
+        searching = (slope < 0) & ~done if iteration < max_iter else torch.zeros_like(done)
+        a = torch.ones_like(slope)
+        accepted = torch.zeros_like(done)
+        for _ in range(MAX_HALVINGS):
+            spread = ((r * torch.expm1(a.unsqueeze(1) * step)) @ mask) / d  # sum_i pi_il expm1(a d_i)
+            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a.unsqueeze(1) * m), 0).sum(dim=1)
+            ok = (searching | done) & ~accepted & (change_f <= ARMIJO * a * slope) & torch.isfinite(change_f)
+            accepted |= ok
+            if not bool((searching & ~accepted).any()):
+                break
+            a = torch.where(accepted | done, a, a / 2)
+        t[active] = ta + torch.where(accepted, a, 0).unsqueeze(1) * step
+        out["iterations"][active] += (accepted & ~done).int()
+        active = active[searching & accepted]
+        if active.numel() == 0:
+            break
+    r = torch.exp(t - t.amax(dim=1, keepdim=True))
+    x = torch.where(evidence, n / (r @ mask).clamp_min(tiny), 0)
+    out["soft"] = x / x.sum(dim=1, keepdim=True)
+    return out

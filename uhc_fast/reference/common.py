@@ -1,27 +1,13 @@
-"""What every solver returns, and the small helpers the reference solvers share."""
+"""Helpers the reference solvers share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 
 import torch
 
+from ..constants import ARMIJO, MAX_HALVINGS
 from ..inputs import PackedProblem, scatter_classes
-
-
-@dataclass
-class Solution:
-    """A solver's answer for a batch.
-
-    Attributes:
-        soft: ``(B, K)`` soft labels, rows sum to 1, zero on uncovered classes.
-        iterations: ``(B,)`` int32 iterations used per sample (iterative methods), else None.
-        residual: ``(B,)`` the convergence measure reached per sample (iterative methods), else None.
-    """
-
-    soft: torch.Tensor
-    iterations: torch.Tensor | None = None
-    residual: torch.Tensor | None = None
 
 
 def evidence(problem: PackedProblem) -> torch.Tensor:
@@ -39,15 +25,6 @@ def normalise(q: torch.Tensor) -> torch.Tensor:
     return q / q.sum(dim=1, keepdim=True)
 
 
-# Steps (Newton or Gauss-Newton) every iterative solver takes at most when the caller gives no max_iter.
-DEFAULT_MAX_ITER = 100
-
-
-def default_tol(dtype: torch.dtype) -> float:
-    """Residual the iterative solvers stop at when the caller gives no ``tol``."""
-    return 1e-9 if dtype == torch.float64 else 1e-5
-
-
 def teacher_pairs(mask: torch.Tensor) -> torch.Tensor | None:
     """The ``(K, N*N)`` table of class-shared teacher pairs :func:`masked_gram` multiplies by, or
     None where it would be large (over 2^22 elements). It depends on the mask only: build it once."""
@@ -61,35 +38,57 @@ def masked_gram(x: torch.Tensor, mask: torch.Tensor, pairs: torch.Tensor | None)
     """``(B, K) -> (B, N, N)``: ``sum_l x_l M_il M_jl``, the x-weighted overlap of teachers i and j.
 
     One GEMM against ``pairs`` (:func:`teacher_pairs`) where there is that table, else a batched
-    product (whose ``(B, N, K)`` temporary the callers bound by chunking rows).
+    product (whose ``(B, N, K)`` temporary the callers bound by chunking rows). The products are
+    computed in full precision whatever ``torch.backends`` allows (TF32 would round the small
+    eigenvalues of the Newton systems away).
     """
-    if pairs is not None:
-        return (x @ pairs).view(-1, mask.shape[0], mask.shape[0])
-    return (mask * x.unsqueeze(1)) @ mask.T
+    with full_precision():
+        if pairs is not None:
+            return (x @ pairs).view(-1, mask.shape[0], mask.shape[0])
+        return (mask * x.unsqueeze(1)) @ mask.T
 
 
-def backtrack(candidate, objective, f0: torch.Tensor, slope: torch.Tensor, current: tuple, max_halvings: int = 40):
+@contextlib.contextmanager
+def full_precision():
+    """Float32 matrix products in IEEE precision inside the block: the reference's answers must not
+    depend on ``torch.set_float32_matmul_precision`` or ``torch.backends.cuda.matmul.allow_tf32``."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+
+
+def backtrack(candidate, objective, f0, slope, current: tuple, full_only=None, frozen=None):
     """Batched Armijo backtracking: per sample, the first ``t`` in ``1, 1/2, 1/4, ...`` with
-    ``objective(*candidate(t)) <= f0 + 1e-4 t slope``, up to a rounding slack (near an optimum the
-    objective is flat to rounding, and a full step must still be taken there).
+    ``objective(*candidate(t)) <= f0 + ARMIJO t slope``, up to a rounding slack (near an optimum
+    the objective is flat to rounding, and a full step must still be taken there).
 
-    ``candidate(t)`` maps step lengths ``(b,)`` to a tuple of ``(b, ...)`` tensors; samples that
-    accept no step keep ``current``. Returns the accepted tuple.
+    ``candidate(t)`` maps step lengths ``(b,)`` to a tuple of ``(b, ...)`` tensors. Rows in
+    ``full_only`` try only the full step; rows in ``frozen`` take none. Returns the accepted tuple
+    (rows that accept no step keep ``current``) and which rows accepted a step.
     """
     slack = 16 * torch.finfo(f0.dtype).eps * f0.abs()
     t = torch.ones_like(f0)
     accepted = torch.zeros_like(f0, dtype=torch.bool)
+    stop = torch.zeros_like(accepted) if frozen is None else frozen.clone()
     new = tuple(x.clone() for x in current)
-    for _ in range(max_halvings):
+    for _ in range(MAX_HALVINGS):
         cand = candidate(t)
-        ok = ~accepted & (objective(*cand) <= f0 + 1e-4 * t * slope.clamp_max(0) + slack)
-        for target, value in zip(new, cand):
-            target[ok] = value[ok]
+        value = objective(*cand)
+        ok = ~accepted & ~stop & (value <= f0 + ARMIJO * t * slope.clamp_max(0) + slack) & torch.isfinite(value)
+        for target, x in zip(new, cand):
+            target[ok] = x[ok]
         accepted |= ok
-        if bool(accepted.all()):
+        if full_only is not None:
+            stop |= full_only
+        if bool((accepted | stop).all()):
             break
-        t = torch.where(accepted, t, t / 2)
-    return new
+        t = torch.where(accepted | stop, t, t / 2)
+    return new, accepted
 
 
 def row_chunks(batch: int, per_row_elements: int, budget: int = 1 << 24):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..inputs import PackedProblem
-from .common import Solution, evidence, normalise
+from ..inputs import PackedProblem, Solution
+from .common import evidence, normalise
 
 
-def solve_sd(problem: PackedProblem, tol: float | None = None, max_iter: int | None = None) -> Solution:
+def solve_sd(problem: PackedProblem, tol: float, max_iter: int) -> Solution:
     """``q_l`` proportional to ``sum_{i: l in L_i} w_i p_il``. ``tol``/``max_iter`` are unused."""
-    return Solution(normalise(evidence(problem)))
+    return Solution(normalise(evidence(problem)).to(problem.dtype))

@@ -1,0 +1,361 @@
+// `ce`: damped Newton on the teacher-space dual, a tile of samples in lockstep. The algorithm,
+// its precision rules and its convergence test are those of uhc_fast/reference/ce.py (read its
+// docstring first): state in double, the Newton system in S (float lanes for float32 answers),
+// the grounded Laplacian solved by positive elimination, steps capped at kMaxLogStep, and a line
+// search measuring F's change term by term.
+//
+// Classes covered by the same teachers ("groups") share D_g = sum_{i in g} exp(t_i), so every
+// per-iteration loop runs over groups and their (group, teacher) entries: O(E) for the point and
+// each line-search trial, O(sum_g d_g^2) for the Newton system, O(N^3) to solve it.
+#pragma once
+
+#include "linalg.h"
+#include "tile.h"
+
+namespace UHC_NAMESPACE {
+
+template <int W, class S, class Arena>
+struct CeScratch {
+  using D = typename Lanes<W>::D;
+  View<Arena, D> n;                             // class evidence (K)
+  View<Arena, double> row;                      // one input row (K), scalars
+  View<Arena, D> Ng, Mg, Dg, inv, x, mg, acc, next;  // per group: evidence, largest class evidence, D_g,
+                                                     // 1 / D_g, N_g / D_g, step mean, trial sums, next D_g
+  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs;  // per teacher
+  View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
+  View<Arena, S> links, ground, rhs, pivot, sol;  // the grounded Newton system
+  UHC_HD CeScratch(Arena& a, const Structure& s)
+      : n(a.template take<D>(s.K)),
+        row(a.template take<double>(s.K)),
+        Ng(a.template take<D>(s.G)),
+        Mg(a.template take<D>(s.G)),
+        Dg(a.template take<D>(s.G)),
+        inv(a.template take<D>(s.G)),
+        x(a.template take<D>(s.G)),
+        mg(a.template take<D>(s.G)),
+        acc(a.template take<D>(s.G)),
+        next(a.template take<D>(s.G)),
+        t(a.template take<D>(s.N)),
+        r(a.template take<D>(s.N)),
+        grad(a.template take<D>(s.N)),
+        step(a.template take<D>(s.N)),
+        mass(a.template take<D>(s.N)),
+        shared(a.template take<D>(s.N)),
+        evidence_shared(a.template take<D>(s.N)),
+        ex(a.template take<D>(s.N)),
+        wm(a.template take<D>(s.N)),
+        rs(a.template take<D>(s.N)),
+        curvature(a.template take<S>(s.G)),
+        links(a.template take<S>(int64_t(s.N) * s.N)),
+        ground(a.template take<S>(s.N)),
+        rhs(a.template take<S>(s.N)),
+        pivot(a.template take<S>(s.N)),
+        sol(a.template take<S>(s.N)) {}
+};
+
+template <int W, class S, class Out, class Arena>
+struct CeSolver {
+  using D = typename Lanes<W>::D;
+  using M = typename Lanes<W>::M;
+  const Tile<W, Out>& tile;
+  CeScratch<W, S, Arena>& sc;
+
+  UHC_HD const Structure& s() const { return tile.s(); }
+  static UHC_HD D num(double x) { return splat<D>(x); }
+
+  UHC_HD bool shared_class(int l) const {
+    const Structure& st = s();
+    const int g = st.class_group[l];
+    return st.grp_ptr[g + 1] - st.grp_ptr[g] > 1;
+  }
+
+  // n (per class) and, per teacher, its evidence on the classes it shares with other teachers (what
+  // the gradient needs), read from the teachers' rows; returns the lanes whose rows passed the checks.
+  UHC_HD M read_evidence() const {
+    const Structure& st = s();
+    const double* w = tile.prob.weights;
+    for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
+    const M valid = tile.read(sc.row, [&](int i, int k, const View<Arena, double>& row) {
+      const int lo = st.offsets[i], hi = st.offsets[i + 1];
+      double on_shared = 0;
+      for (int j = lo; j < hi; ++j) {
+        const int l = st.class_index[j];
+        const double v = w[i] * row[j - lo];
+        Tile<W, Out>::lane_ref(sc.n, l, k) += v;
+        if (shared_class(l)) on_shared += v;
+      }
+      Tile<W, Out>::lane_ref(sc.evidence_shared, i, k) = on_shared;
+    });
+    group_evidence();
+    return valid;
+  }
+
+  // The same from packed probabilities p (nnz lanes, already read: mf-p starts from ce).
+  template <class Packed>
+  UHC_HD void packed_evidence(Packed p) const {
+    const Structure& st = s();
+    const double* w = tile.prob.weights;
+    for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
+    for (int i = 0; i < st.N; ++i) {
+      const D wi = num(w[i]);
+      D on_shared = num(0);
+      for (int j = st.offsets[i]; j < st.offsets[i + 1]; ++j) {
+        const int l = st.class_index[j];
+        const D v = wi * D(p[j]);
+        sc.n[l] = D(sc.n[l]) + v;
+        if (shared_class(l)) on_shared += v;
+      }
+      sc.evidence_shared[i] = on_shared;
+    }
+    group_evidence();
+  }
+
+  // N_g and M_g: per group, the total and the largest class evidence.
+  UHC_HD void group_evidence() const {
+    const Structure& st = s();
+    for (int g = 0; g < st.G; ++g) {
+      D sum = num(0), top = num(0);
+      for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) {
+        const D nl = sc.n[st.grp_cls[c]];
+        sum += nl, top = vmax(top, nl);
+      }
+      sc.Ng[g] = sum, sc.Mg[g] = top;
+    }
+  }
+
+  // r = exp(t - max t) and D_g = sum_{i in g} r_i: the point from t (the first iteration; later ones
+  // carry r and D_g over from the accepted step).
+  UHC_HD void point_from_t() const {
+    const Structure& st = s();
+    D top = sc.t[0];
+    for (int i = 1; i < st.N; ++i) top = vmax(top, D(sc.t[i]));
+    for (int i = 0; i < st.N; ++i) sc.r[i] = vexp(D(sc.t[i]) - top);
+    for (int g = 0; g < st.G; ++g) {
+      D d = num(0);
+      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) d += D(sc.r[st.grp_teacher[k]]);
+      sc.Dg[g] = d;
+    }
+  }
+
+  // From D_g: 1 / D_g and x_g = N_g / D_g per group; per teacher the mass it covers,
+  // mass_i = sum_{g covers i} x_g, and the part on groups it shares. Returns Z = sum_g x_g.
+  UHC_HD D point() const {
+    const Structure& st = s();
+    D Z = num(0);
+    for (int g = 0; g < st.G; ++g) {
+      const D inv = num(1) / vmax(D(sc.Dg[g]), num(2.2250738585072014e-308)), x = D(sc.Ng[g]) * inv;
+      sc.inv[g] = inv, sc.x[g] = x;
+      Z += x;
+    }
+    if (st.tch_ptr) {  // by teacher: one register accumulation each
+      for (int i = 0; i < st.N; ++i) {
+        const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
+        D acc = num(0);
+        for (int k = lo; k < mid; ++k) acc += D(sc.x[st.tch_group[k]]);
+        sc.shared[i] = acc;
+        for (int k = mid; k < hi; ++k) acc += D(sc.x[st.tch_group[k]]);
+        sc.mass[i] = acc;
+      }
+    } else {  // group by group
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0), sc.shared[i] = num(0);
+      for (int g = 0; g < st.G; ++g) {
+        const bool shared = st.grp_ptr[g + 1] - st.grp_ptr[g] > 1;
+        for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) {
+          const int i = st.grp_teacher[k];
+          sc.mass[i] = D(sc.mass[i]) + D(sc.x[g]);
+          if (shared) sc.shared[i] = D(sc.shared[i]) + D(sc.x[g]);
+        }
+      }
+    }
+    return Z;
+  }
+
+  // g_i = sum_{g covers i} (pi_ig N_g - e_ig) = r_i shared_i - evidence_shared_i: a group one
+  // teacher covers contributes exactly 0 (pi = 1, N_g = e_ig) and is left out of both sums, so a
+  // teacher linked to the others only through classes of tiny mass keeps the gradient's precision
+  // (see reference/ce.py).
+  UHC_HD void gradient() const {
+    for (int i = 0; i < s().N; ++i) sc.grad[i] = D(sc.r[i]) * D(sc.shared[i]) - D(sc.evidence_shared[i]);
+  }
+
+  // The Newton step (grounded at the last teacher), capped at kMaxLogStep.
+  UHC_HD void newton_step() const {
+    const Structure& st = s();
+    const int N = st.N, n = N - 1;
+    // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2
+    for (int g = 0; g < st.G; ++g) sc.curvature[g] = lanes_cast<S>(D(sc.x[g]) * D(sc.inv[g]));
+    if (st.pair_ptr) {
+      for (int i = 0, p = 0; i < N; ++i) {
+        for (int j = i + 1; j < N; ++j, ++p) {
+          S acc = splat<S>(0.0);
+          for (int k = st.pair_ptr[p]; k < st.pair_ptr[p + 1]; ++k) acc += S(sc.curvature[st.pair_group[k]]);
+          sc.links[i * N + j] = acc;
+        }
+      }
+    } else {
+      for (int k = 0; k < N * N; ++k) sc.links[k] = splat<S>(0.0);
+      for (int g = 0; g < st.G; ++g) {
+        const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+        const S y = sc.curvature[g];
+        for (int a = lo; a < hi; ++a) {
+          const int row = st.grp_teacher[a] * N;
+          for (int b = a + 1; b < hi; ++b) sc.links[row + st.grp_teacher[b]] = S(sc.links[row + st.grp_teacher[b]]) + y;
+        }
+      }
+    }
+    // links_ij = r_i r_j C_ij over the ungrounded teachers, rewritten in place as an n x n matrix
+    // (each write lands on an entry of C already read); the last teacher's links are the ground
+    for (int i = 0; i < n; ++i) {
+      const S ri = lanes_cast<S>(D(sc.r[i]));
+      for (int j = i + 1; j < n; ++j) sc.links[i * n + j] = ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]);
+      sc.ground[i] = ri * lanes_cast<S>(D(sc.r[n])) * S(sc.links[i * N + n]);
+      sc.rhs[i] = lanes_cast<S>(-D(sc.grad[i]));
+    }
+    grounded_laplacian_solve<S>(sc.links, sc.ground, sc.rhs, sc.pivot, sc.sol, n);
+    D longest = num(0);
+    for (int i = 0; i < n; ++i) sc.step[i] = lanes_cast<D>(S(sc.sol[i])), longest = vmax(longest, vabs(D(sc.step[i])));
+    sc.step[n] = num(0);
+    const D cap = num(kMaxLogStep) / vmax(longest, num(kMaxLogStep));
+    for (int i = 0; i < n; ++i) sc.step[i] = D(sc.step[i]) * cap;
+  }
+
+  // One pass over the groups after the Newton step, for the convergence test and the full step's
+  // trial together: the relative and absolute KKT residuals of the current point (per class with
+  // evidence, |q_l sum_{i covers l} w_i / S_i / n_l - 1| = |sum_{i in g} (w_i / mass_i) / D_g - 1|),
+  // the step's largest first-order change of a soft label (m_g = sum_{i in g} pi_ig step_i), and
+  // F(t + step) - F(t) (see change()). Leaves m_g and the trial's sums in sc.mg and sc.acc.
+  UHC_HD void measure(const D& Z, const D& slope, D& relative, D& absolute, D& predicted, D& change_full) const {
+    const Structure& st = s();
+    const double* w = tile.prob.weights;
+    for (int i = 0; i < st.N; ++i) {
+      const D ri = sc.r[i], di = sc.step[i];
+      sc.wm[i] = w[i] / D(sc.mass[i]), sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+    }
+    relative = num(0), absolute = num(0), change_full = slope;
+    D c = num(0);
+    for (int g = 0; g < st.G; ++g) {
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      if (lo == hi) continue;
+      D kkt = num(0), m = num(0), trial = num(0);
+      for (int k = lo; k < hi; ++k) {
+        const int i = st.grp_teacher[k];
+        kkt += D(sc.wm[i]), m += D(sc.rs[i]), trial += D(sc.ex[i]);
+      }
+      const D inv = sc.inv[g], Ng = sc.Ng[g];
+      m = m * inv;
+      sc.mg[g] = m, sc.acc[g] = trial;
+      c += D(sc.x[g]) * m;
+      const D gap = vabs(kkt * inv - 1.0);
+      const auto has = Ng > 0;
+      relative = vmax(relative, select(has, gap, num(0)));
+      absolute = vmax(absolute, select(has, D(sc.Mg[g]) * gap, num(0)));
+      change_full += Ng * (vlog1p(trial * inv) - m);
+    }
+    const D inv_z = num(1) / Z;
+    c = c * inv_z;
+    D worst = num(0);
+    for (int g = 0; g < st.G; ++g) worst = vmax(worst, D(sc.Mg[g]) * D(sc.inv[g]) * vabs(c - D(sc.mg[g])));
+    predicted = worst * inv_z;
+  }
+
+  // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),
+  // each term formed without cancelling F's large values. Leaves the trial's sums in sc.acc.
+  UHC_HD D change(const D& a, const D& slope) const {
+    const Structure& st = s();
+    for (int i = 0; i < st.N; ++i) sc.ex[i] = D(sc.r[i]) * vexpm1(a * D(sc.step[i]));
+    D total = a * slope;
+    for (int g = 0; g < st.G; ++g) {
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      if (lo == hi) continue;
+      D trial = num(0);
+      for (int k = lo; k < hi; ++k) trial += D(sc.ex[st.grp_teacher[k]]);
+      sc.acc[g] = trial;
+      total += D(sc.Ng[g]) * (vlog1p(trial * D(sc.inv[g])) - a * D(sc.mg[g]));
+    }
+    return total;
+  }
+
+  // Lanes in `ok` move to the trial whose sums are in sc.acc: D_g + sum_{i in g} r_i expm1(a step_i)
+  // is their D_g there.
+  UHC_HD void keep_trial(const M& ok) const {
+    for (int g = 0; g < s().G; ++g) sc.next[g] = select(ok, D(sc.Dg[g]) + D(sc.acc[g]), D(sc.next[g]));
+  }
+
+  // Solve the tile from its evidence (read_evidence or packed_evidence first); q (K lanes) ends in
+  // sc.n. Returns the lanes' diagnostics.
+  UHC_HD Report<W> solve(M active, double tol, int max_iter) const {
+    const Structure& st = s();
+    const double* w = tile.prob.weights;
+    D sum = num(0);
+    for (int g = 0; g < st.G; ++g) sum += D(sc.Ng[g]);
+    // start at sd: t_i = log w_i - log S_i(n / sum n)
+    for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0);
+    for (int g = 0; g < st.G; ++g)
+      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) sc.mass[st.grp_teacher[k]] = D(sc.mass[st.grp_teacher[k]]) + D(sc.Ng[g]);
+    for (int i = 0; i < st.N; ++i) sc.t[i] = vlog(num(w[i])) - vlog(D(sc.mass[i]) / sum);
+
+    Report<W> rep{num(0), num(0), num(0), num(0), num(0) != num(0)};
+    const D zero = num(0), one = num(1);
+    D total_w = zero;
+    for (int i = 0; i < st.N; ++i) total_w += num(w[i]);
+    point_from_t();
+    for (int iteration = 0;; ++iteration) {
+      const D Z = point();
+      gradient();
+      newton_step();
+      D slope = zero;
+      for (int i = 0; i < st.N; ++i) slope += D(sc.grad[i]) * D(sc.step[i]);
+      D relative, absolute, pred, change_full;
+      measure(Z, slope, relative, absolute, pred, change_full);
+      rep.residual = select(active, relative, rep.residual);
+      rep.abs_residual = select(active, absolute / total_w, rep.abs_residual);
+      rep.step = select(active, pred, rep.step);
+      const M done = active & (relative <= tol) & (pred <= tol);
+      rep.converged = rep.converged | done;
+
+      M searching = active & lnot(done) & (slope < 0);
+      if (iteration >= max_iter) searching = zero != zero;  // out of steps
+      // backtracking from the full step (its trial measured above); converged lanes may take only
+      // that full (tiny) step
+      for (int g = 0; g < st.G; ++g) sc.next[g] = D(sc.Dg[g]);
+      M trying = searching | done;
+      M accepted = trying & (change_full <= kArmijo * slope) & isfinite_lanes(change_full);
+      keep_trial(accepted);
+      D a = one, taken = select(accepted, one, zero);
+      trying = trying & lnot(accepted) & lnot(done);
+      for (int h = 1; h < kMaxHalvings && any(trying); ++h) {
+        a = a * 0.5;
+        const D df = change(a, slope);
+        const M ok = trying & (df <= kArmijo * a * slope) & isfinite_lanes(df);
+        keep_trial(ok);
+        taken = select(ok, a, taken);
+        accepted = accepted | ok;
+        trying = trying & lnot(ok);
+      }
+      // the accepted point: t, r and D_g move along (r and D_g rescaled so that max r = 1)
+      D top = zero;
+      for (int i = 0; i < st.N; ++i) {
+        const D move = taken * D(sc.step[i]);
+        sc.t[i] = D(sc.t[i]) + move;
+        sc.r[i] = D(sc.r[i]) * vexp(move);
+        top = vmax(top, D(sc.r[i]));
+      }
+      const D rescale = one / top;
+      for (int i = 0; i < st.N; ++i) sc.r[i] = D(sc.r[i]) * rescale;
+      for (int g = 0; g < st.G; ++g) sc.Dg[g] = D(sc.next[g]) * rescale;
+      rep.iterations = rep.iterations + select(accepted & lnot(done), one, zero);
+      active = searching & accepted;
+      if (!any(active)) break;
+    }
+    // q_l = n_l / (D_g Z) at the final point
+    const D inv_z = one / point();
+    for (int g = 0; g < st.G; ++g) {
+      const bool covered = st.grp_ptr[g + 1] > st.grp_ptr[g];
+      const D scale = covered ? D(sc.inv[g]) * inv_z : zero;
+      for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) sc.n[st.grp_cls[c]] = D(sc.n[st.grp_cls[c]]) * scale;
+    }
+    return rep;
+  }
+};
+
+}  // namespace UHC_NAMESPACE
