@@ -39,7 +39,7 @@ MAX_TEACHERS = 8
 # the largest BLOCK_T (power of two >= sum k_i) the kernel takes: beyond, uhc_fast.topk runs the
 # torch reference (a sample's slots and union live in registers)
 MAX_SLOTS = 512
-# csrc/core/topk.h / uhc_fast/topk.py codes
+# csrc/core/topk.h / uhc_fast/topk_inputs.py codes
 PROBS, LOGPROBS, LOGITS = 0, 1, 2
 SD, CE = 0, 1
 NUM_CHECKS = 6

@@ -17,7 +17,7 @@ import torch
 
 import uhc_fast
 from uhc_fast import InputError
-from uhc_fast.topk import CHECKS
+from uhc_fast.topk_inputs import CHECKS
 
 DEFAULT_ALPHA = 0.01  # the prior's weight on disconnected samples when alpha is not given
 SUM_TOL = {np.float16: 1e-2, np.float32: 1e-4, np.float64: 1e-6}
@@ -503,7 +503,7 @@ def test_checks_are_the_cores():
 # ---------------------------------------------------------------------- the Triton kernel
 def _triton_available():
     pytest.importorskip("triton")
-    from uhc_fast import topk
+    from uhc_fast.backends import topk
 
     reason = topk.available("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if reason is not None:

@@ -1,7 +1,7 @@
 // Per-sample class sets (top-k outputs): each teacher lists, per sample, its own ids in a shared
 // vocabulary with (renormalised) probabilities over them. Per sample the union of the listed ids
 // plays the role of the K classes and the problem is dense `ce` (or `sd`) over that union
-// (../shared/uhc-math.md, "Per-sample class sets"). uhc_fast/topk.py is the Python side and
+// (../shared/uhc-math.md, "Per-sample class sets"). uhc_fast/topk_inputs.py is the Python side and
 // uhc_fast/reference/topk.py the definition of what is computed here.
 //
 // One sample at a time, in one thread's scratch:
@@ -24,9 +24,9 @@
 
 namespace UHC_NAMESPACE {
 
-// What a teacher's values are (uhc_fast/topk.py: KIND_CODES).
+// What a teacher's values are (uhc_fast/topk_inputs.py: KIND_CODES).
 enum TopkKind : int { kTopkProbs = 0, kTopkLogprobs = 1, kTopkLogits = 2 };
-// The checks of a teacher's row, in the order uhc_fast/topk.py (CHECKS) reports them.
+// The checks of a teacher's row, in the order uhc_fast/topk_inputs.py (CHECKS) reports them.
 enum TopkCheck : int {
   kBadId = 0,       // an id below -1, beyond the vocabulary map, or >= vocab_size
   kDuplicate = 1,   // an id listed twice (after the vocabulary map)
@@ -38,7 +38,7 @@ enum TopkCheck : int {
 };
 enum TopkIdType : int { kIds32 = 0, kIds64 = 1 };
 
-// One teacher, as Python passes it: a row of int64 fields (uhc_fast/topk.py: teacher_table).
+// One teacher, as Python passes it: a row of int64 fields (uhc_fast/topk_inputs.py: teacher_table).
 struct TopkTeacher {
   int64_t ids, ids_row_stride, ids_col_stride, ids_dtype;  // (B, k) ids: pointer, strides (elements), TopkIdType
   int64_t k;                                                // slots per row

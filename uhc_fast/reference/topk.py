@@ -14,7 +14,7 @@ that differ in their masks:
   mask is empty and its dual variable stays put. Each sample's Newton system is grounded at its
   last present teacher. State and Newton systems are float64 throughout.
 
-Validation follows ``uhc_fast/topk.py`` (:data:`~uhc_fast.topk.CHECKS`): per teacher and check,
+Validation follows ``uhc_fast/topk_inputs.py`` (:data:`~uhc_fast.topk_inputs.CHECKS`): per teacher and check,
 the first failing row.
 """
 
@@ -24,16 +24,15 @@ import torch
 
 from ..constants import ARMIJO, DEFAULT_DISCONNECTED_ALPHA, MAX_HALVINGS, MAX_LOG_STEP, SUM_TOLERANCE
 from ..linalg import grounded_laplacian_solve
+from ..topk_inputs import CHECKS, empty_solution
 from .common import full_precision, row_chunks
 
 _SENTINEL = torch.iinfo(torch.int64).max  # sorts after every id
 
 
 def solve_topk(batch, width: int, tol: float, max_iter: int):
-    """Solve a :class:`~uhc_fast.topk.TopkBatch` into a :class:`~uhc_fast.topk.TopkSolution` of
+    """Solve a :class:`~uhc_fast.topk_inputs.TopkBatch` into a :class:`~uhc_fast.topk_inputs.TopkSolution` of
     ``(B, width)`` outputs; rows are taken in chunks that bound the dense temporaries."""
-    from ..topk import CHECKS, empty_solution
-
     method = batch.options.method
     out = empty_solution(batch, width, method)
     b = batch.batch_size

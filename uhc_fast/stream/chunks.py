@@ -60,15 +60,17 @@ def solve_topk_chunk(m: Manifest, options: Options, tensors: list[torch.Tensor],
     Raises:
         SampleError: bad values, naming the teacher and the global sample.
     """
-    from .. import topk
+    from ..backends.topk import solve as solve_topk
+    from ..topk import diagnostics as topk_diagnostics
+    from ..topk_inputs import convert as convert_topk
 
     try:
-        batch = topk.convert(tensors[0::2], tensors[1::2], options, vocab_size=m.vocab_size, checked_maps=maps)
-        solution = topk.solve(batch, width)
+        batch = convert_topk(tensors[0::2], tensors[1::2], options, vocab_size=m.vocab_size, checked_maps=maps)
+        solution = solve_topk(batch, width)
     except InputError as err:
         name = m.teachers[err.teacher].name if err.teacher is not None else None
         raise SampleError(err, name, start) from None
-    return solution.ids, solution.soft, topk.diagnostics(batch, solution)
+    return solution.ids, solution.soft, topk_diagnostics(batch, solution)
 
 
 def run_chunks(job: Job, plan: Plan, chunks: list[int], group: Group, progress: bool | None, before: int = 0) -> int:

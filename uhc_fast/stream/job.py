@@ -150,9 +150,9 @@ class Job:
         """The backend ``backend`` resolves to for this job's device and method (RuntimeError when
         it cannot run here): a dense backend, or for a top-k manifest a top-k one."""
         if self.manifest.topk:
-            from .. import topk
+            from ..backends.topk import select
 
-            return topk.select(backend, self.device)
+            return select(backend, self.device)
         return backends.select(backend, self.device, self.options.method).name
 
     @property
