@@ -5,6 +5,10 @@
 
 #include <cstdint>
 
+#if defined(__F16C__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
+
 #include "simd.h"
 #include "vmath.h"
 
@@ -25,6 +29,9 @@ UHC_HD float bits_to_float(uint32_t bits) {
   return f;
 }
 UHC_HD float half_to_float(uint16_t h) {
+#if defined(__F16C__) && !defined(__CUDA_ARCH__)
+  return _cvtsh_ss(h);  // one instruction where the CPU variant has F16C (AVX2, AVX-512)
+#else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1fu;
   const uint32_t mantissa = h & 0x3ffu;
@@ -34,6 +41,7 @@ UHC_HD float half_to_float(uint16_t h) {
   }
   if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
   return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
 }
 UHC_HD float bfloat16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
@@ -79,23 +87,26 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one)
   RowStats st;
   int j = 0;
 #if UHC_VECTORS
-  if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
-    if (stride == 1) {  // contiguous: 8 at a time in vector registers (x - x is NaN exactly for NaN and +-Inf)
-      typedef In V __attribute__((vector_size(8 * sizeof(In))));
-      typedef double V64 __attribute__((vector_size(64)));
-      V64 sum{}, spread{}, low{};
-      for (; j + 8 <= n; j += 8) {
+  if (stride == 1) {  // contiguous: 8 at a time in vector registers (x - x is NaN exactly for NaN and +-Inf)
+    typedef double V64 __attribute__((vector_size(64)));
+    V64 sum{}, spread{}, low{};
+    for (; j + 8 <= n; j += 8) {
+      V64 y;
+      if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
+        typedef In V __attribute__((vector_size(8 * sizeof(In))));
         V x;
         memcpy(&x, row + j, sizeof(V));
-        const V64 y = __builtin_convertvector(x, V64);
-        sum += y, spread += y - y;
-        low = low < y ? low : y;
+        y = __builtin_convertvector(x, V64);
+      } else {  // 16-bit floats: widened one by one (one instruction each with F16C), summed as vectors
+        for (int k = 0; k < 8; ++k) y[k] = widen_one(row[j + k]);
       }
-      for (int k = 0; k < 8; ++k) {
-        st.sum += sum[k];
-        st.finite &= spread[k] == 0;
-        st.negative |= low[k] < 0;
-      }
+      sum += y, spread += y - y;
+      low = low < y ? low : y;
+    }
+    for (int k = 0; k < 8; ++k) {
+      st.sum += sum[k];
+      st.finite &= spread[k] == 0;
+      st.negative |= low[k] < 0;
     }
   }
 #endif
@@ -109,9 +120,36 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one)
 }
 
 // Row b of teacher t as What it is (stats, then its values: `convert(x)` of each widened value into out).
+// `convert` takes a double or (on the CPU) 8 lanes of them, so that its log / exp run as vector code.
 template <class In, class Widen, class Convert, class Out>
 UHC_HD void convert_row(const In* row, int n, int64_t stride, Widen widen_one, Convert convert, Out out) {
-  for (int j = 0; j < n; ++j) out[j] = convert(widen_one(row[j * stride]));
+  int j = 0;
+#if UHC_VECTORS
+  typedef double V64 __attribute__((vector_size(64)));
+  for (; j + 8 <= n; j += 8) {
+    V64 x;
+    for (int k = 0; k < 8; ++k) x[k] = widen_one(row[(j + k) * stride]);
+    const V64 y = convert(x);
+    for (int k = 0; k < 8; ++k) out[j + k] = y[k];
+  }
+#endif
+  for (; j < n; ++j) out[j] = convert(widen_one(row[j * stride]));
+}
+
+// out[j] = f(out[j]) for j < n, 8 lanes at a time on the CPU (f as in convert_row).
+template <class Out, class F>
+UHC_HD void map_row(Out out, int n, F f) {
+  int j = 0;
+#if UHC_VECTORS
+  typedef double V64 __attribute__((vector_size(64)));
+  for (; j + 8 <= n; j += 8) {
+    V64 x;
+    for (int k = 0; k < 8; ++k) x[k] = out[j + k];
+    const V64 y = f(x);
+    for (int k = 0; k < 8; ++k) out[j + k] = y[k];
+  }
+#endif
+  for (; j < n; ++j) out[j] = f(static_cast<double>(out[j]));
 }
 
 // Calls f(row pointer, widen function) for row b of teacher t in its stored type.
@@ -166,7 +204,7 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out) {
   if (probs_in && !logits_out && in.temperature == 1.0) {  // renormalise: absorbs a stored softmax's rounding
     const double inv = 1.0 / sum;
     with_row(t, b, [&](const auto* row, auto widen_one) {
-      convert_row(row, n, t.col_stride, widen_one, [inv](double x) { return x * inv; }, out);
+      convert_row(row, n, t.col_stride, widen_one, [inv](auto x) { return x * inv; }, out);
       return 0;
     });
     return true;
@@ -175,20 +213,18 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out) {
   const double eps = in.eps, inv_t = 1.0 / in.temperature;
   with_row(t, b, [&](const auto* row, auto widen_one) {
     if (probs_in)
-      convert_row(row, n, t.col_stride, widen_one, [eps, inv_t](double x) { return vlog(x > eps ? x : eps) * inv_t; }, out);
+      convert_row(row, n, t.col_stride, widen_one,
+                  [eps, inv_t](auto x) { return vlog(vmax(x, decltype(x){} + eps)) * inv_t; }, out);
     else
-      convert_row(row, n, t.col_stride, widen_one, [inv_t](double x) { return x * inv_t; }, out);
+      convert_row(row, n, t.col_stride, widen_one, [inv_t](auto x) { return x * inv_t; }, out);
     return 0;
   });
   double zmax = -INFINITY;
   for (int j = 0; j < n; ++j) zmax = out[j] > zmax ? static_cast<double>(out[j]) : zmax;
   if (logits_out) return true;
+  map_row(out, n, [zmax](auto z) { return vexp(z - zmax); });
   double total = 0;
-  for (int j = 0; j < n; ++j) {
-    const double e = vexp(out[j] - zmax);
-    out[j] = e;
-    total += e;
-  }
+  for (int j = 0; j < n; ++j) total += out[j];
   const double inv = 1.0 / total;
   for (int j = 0; j < n; ++j) out[j] = out[j] * inv;
   return true;

@@ -46,12 +46,14 @@ std::vector<Variant> variants() {
   std::vector<Variant> out{{"baseline", &uhc_baseline::solve_tiles, &uhc_baseline::lanes, true}};
 #if defined(UHC_HAVE_AVX2)
   out.push_back({"avx2", &uhc_avx2::solve_tiles, &uhc_avx2::lanes,
-                 __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")});
+                 __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c")});
 #endif
 #if defined(UHC_HAVE_AVX512)
   out.push_back({"avx512", &uhc_avx512::solve_tiles, &uhc_avx512::lanes,
                  __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")});
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("f16c")});
 #endif
   return out;
 }
