@@ -438,25 +438,18 @@ def _npy_header(f, file: Path, who: str, problems: list[str], integer: bool = Fa
     else:  # 2.0, and 3.0 (same layout, utf-8 text: identical for float dtypes)
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if integer:
-        if dtype.kind != "i" or dtype.itemsize not in (2, 4, 8):
-            problems.append(f"{who}: {file.name} has dtype {dtype}; ids must be int16/32/64")
-            return None
-        offset = f.tell()
-        expected = offset + int(np.prod(shape)) * dtype.itemsize
-        if file.stat().st_size < expected:
-            problems.append(f"{who}: {file.name} is truncated ({file.stat().st_size} bytes, header says {expected})")
-            return None
-        torch_dtype = _NUMPY_INTS[np.dtype(dtype.str.replace(">", "<"))]
-        return tuple(int(s) for s in shape), torch_dtype, dtype, offset, bool(fortran and len(shape) == 2)
-    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-        problems.append(f"{who}: {file.name} has dtype {dtype}; teacher outputs must be float16/32/64")
+        kind, table, what = "i", _NUMPY_INTS, "ids must be int16/32/64"
+    else:
+        kind, table, what = "f", _NUMPY_TO_TORCH, "teacher outputs must be float16/32/64"
+    if dtype.kind != kind or dtype.itemsize not in (2, 4, 8):
+        problems.append(f"{who}: {file.name} has dtype {dtype}; {what}")
         return None
     offset = f.tell()
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if file.stat().st_size < expected:
         problems.append(f"{who}: {file.name} is truncated ({file.stat().st_size} bytes, header says {expected})")
         return None
-    torch_dtype = _NUMPY_TO_TORCH[np.dtype(dtype.str.replace(">", "<"))]
+    torch_dtype = table[np.dtype(dtype.str.replace(">", "<"))]
     return tuple(int(s) for s in shape), torch_dtype, dtype, offset, bool(fortran and len(shape) == 2)
 
 
