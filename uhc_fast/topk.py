@@ -13,7 +13,8 @@ Backends: ``cpu`` (the compiled core, csrc/core/topk.h: one sample per thread at
 ``ce`` solver on a per-sample structure), ``triton`` (kernels/topk.py, CUDA tensors; CPU tensors
 under ``TRITON_INTERPRET=1``) and ``torch`` (uhc_fast/reference/topk.py: the definition of correct,
 batched, on any device). ``cuda`` means the Triton kernel here (there is no compiled CUDA top-k
-solver).
+solver). This module is the entry point; the checked inputs are :mod:`uhc_fast.topk_inputs`, the
+choice and launch of a backend :mod:`uhc_fast.backends.topk`.
 """
 
 from __future__ import annotations
