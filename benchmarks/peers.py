@@ -11,7 +11,7 @@ Both answer the same per-sample problem as ``uhc_fast.estimate(method="ce")``:
   weighted data, so the counts are repeated records; its cost grows with ``scale``.
 * ``scipy`` minimises ``J`` in ``u = log q`` (unconstrained; ``J`` is shift-invariant in ``u``) with
   L-BFGS-B and an exact vectorised gradient, stopping when the largest gradient entry divided by
-  ``sum w`` (the KKT residual of ``uhc_fast.reference.ce.kkt_residual``) is below ``tol``.
+  ``sum w`` (the absolute KKT residual, ``info["abs_residual"]`` of ``ce``) is below ``tol``.
 
 This module depends only on numpy (plus scipy / choix, imported lazily), so the test suite can load
 it by path. Everything here is float64.
