@@ -103,11 +103,17 @@ def diagnostics(batch: Batch, solution: Solution) -> dict:
         "components": len(teachers.components),
     }
     if options.spec.iterative:
-        details.update(
-            tol=options.tol_for(solution.soft.dtype),
-            iterations=solution.iterations,
-            residual=solution.residual,
-            converged=solution.converged,
-            **(solution.extra or {}),
-        )
+        details.update(convergence(options, solution))
     return details
+
+
+def convergence(options: Options, solution) -> dict:
+    """The ``info`` entries of an iterative solve (:func:`estimate`, :func:`uhc_fast.estimate_topk`):
+    the tolerance it used, per-sample iterations, residual and converged, and the method's extras."""
+    return {
+        "tol": options.tol_for(solution.soft.dtype),
+        "iterations": solution.iterations,
+        "residual": solution.residual,
+        "converged": solution.converged,
+        **(solution.extra or {}),
+    }

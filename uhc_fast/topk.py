@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .api import convergence
 from .backends.topk import solve
 from .constants import DEFAULT_DISCONNECTED_ALPHA
 from .errors import InputError
@@ -143,11 +144,5 @@ def diagnostics(batch: TopkBatch, solution: TopkSolution) -> dict:
         "kept_mass": solution.kept,
     }
     if options.method == "ce":
-        details.update(
-            tol=options.tol_for(solution.soft.dtype),
-            iterations=solution.iterations,
-            residual=solution.residual,
-            converged=solution.converged,
-            **(solution.extra or {}),
-        )
+        details.update(convergence(options, solution))
     return details
