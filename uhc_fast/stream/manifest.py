@@ -354,11 +354,7 @@ def _parse_teacher(i: int, entry, base: Path, names: set[str], problems: list[st
     unknown = sorted(set(entry) - _TEACHER_KEYS)
     if unknown:
         problems.append(f"{who}: unknown keys {unknown} (expected {sorted(_TEACHER_KEYS)})")
-    if not isinstance(name, str) or not name:
-        problems.append(f"{who}: 'name' must be a non-empty string")
-    elif name in names:
-        problems.append(f"{who}: the name {name!r} is used by another teacher")
-    names.add(str(name))
+    _check_name(name, who, names, problems)
     classes = entry.get("classes")
     if not isinstance(classes, list) or not classes:
         problems.append(f"{who}: 'classes' must be a non-empty list of class names or indices")
@@ -429,6 +425,15 @@ def _read_header(file: Path, tensor_name, who: str, problems: list[str], integer
         return None
     problems.append(f"{who}: {file.name}: outputs must be a .npy or .safetensors file")
     return None
+
+
+def _check_name(name, who: str, names: set[str], problems: list[str]) -> None:
+    """A teacher's name is a non-empty string no other teacher uses (``names``: those seen so far)."""
+    if not isinstance(name, str) or not name:
+        problems.append(f"{who}: 'name' must be a non-empty string")
+    elif name in names:
+        problems.append(f"{who}: the name {name!r} is used by another teacher")
+    names.add(str(name))
 
 
 def _npy_header(f, file: Path, who: str, problems: list[str], integer: bool = False):
@@ -599,11 +604,7 @@ def _parse_topk_teacher(i: int, entry, base: Path, names: set[str], vocab_size, 
     unknown = sorted(set(entry) - _TOPK_TEACHER_KEYS - {"classes", "outputs"})
     if unknown:
         problems.append(f"{who}: unknown keys {unknown} (expected {sorted(_TOPK_TEACHER_KEYS)})")
-    if not isinstance(name, str) or not name:
-        problems.append(f"{who}: 'name' must be a non-empty string")
-    elif name in names:
-        problems.append(f"{who}: the name {name!r} is used by another teacher")
-    names.add(str(name))
+    _check_name(name, who, names, problems)
     kind = entry.get("kind")
     if kind not in TOPK_KINDS:
         problems.append(f"{who}: 'kind' must be one of {TOPK_KINDS}, got {kind!r}")
