@@ -2,7 +2,9 @@
 // its precision rules and its convergence test are those of uhc_fast/reference/ce.py (read its
 // docstring first): state in double, the Newton system in S (float lanes for float32 answers),
 // the grounded Laplacian solved by positive elimination, steps capped at kMaxLogStep, and a line
-// search measuring F's change term by term.
+// search measuring F's change term by term. One shortcut the reference does not take: a full step
+// whose curvature bound already passes Armijo's test is accepted without F's per-group logarithms
+// (full_step_bound; the same decision, since the bound is above the exact change).
 //
 // Classes covered by the same teachers ("groups") share D_g = sum_{i in g} exp(t_i), so every
 // per-iteration loop runs over groups and their (group, teacher) entries: O(E) for the point and
@@ -18,15 +20,15 @@ template <int W, class S, class Arena>
 struct CeScratch {
   using D = typename Lanes<W>::D;
   View<Arena, D> n;                             // class evidence (K)
-  View<Arena, double> row;                      // one input row (K), scalars
+  View<Arena, D> row;                           // one teacher's rows (at most K values)
   View<Arena, D> Ng, Mg, Dg, inv, x, mg, acc, next;  // per group: evidence, largest class evidence, D_g,
                                                      // 1 / D_g, N_g / D_g, step mean, trial sums, next D_g
-  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs;  // per teacher
+  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs, rq;  // per teacher
   View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
   View<Arena, S> links, ground, rhs, pivot, sol;  // the grounded Newton system
   UHC_HD CeScratch(Arena& a, const Structure& s)
       : n(a.template take<D>(s.K)),
-        row(a.template take<double>(s.K)),
+        row(a.template take<D>(s.K)),
         Ng(a.template take<D>(s.G)),
         Mg(a.template take<D>(s.G)),
         Dg(a.template take<D>(s.G)),
@@ -45,6 +47,7 @@ struct CeScratch {
         ex(a.template take<D>(s.N)),
         wm(a.template take<D>(s.N)),
         rs(a.template take<D>(s.N)),
+        rq(a.template take<D>(s.N)),
         curvature(a.template take<S>(s.G)),
         links(a.template take<S>(int64_t(s.N) * s.N)),
         ground(a.template take<S>(s.N)),
@@ -70,22 +73,26 @@ struct CeSolver {
   }
 
   // n (per class) and, per teacher, its evidence on the classes it shares with other teachers (what
-  // the gradient needs), read from the teachers' rows; returns the lanes whose rows passed the checks.
+  // the gradient needs), read from the teachers' rows one teacher at a time (every lane's row into
+  // sc.row); returns the lanes whose rows passed the checks.
   UHC_HD M read_evidence() const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
     for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
-    const M valid = tile.read(sc.row, [&](int i, int k, const View<Arena, double>& row) {
-      const int lo = st.offsets[i], hi = st.offsets[i + 1];
-      double on_shared = 0;
-      for (int j = lo; j < hi; ++j) {
+    M valid = num(0) == num(0);
+    for (int i = 0; i < st.N; ++i) {
+      valid = valid & tile.load_teacher(i, sc.row);
+      const int lo = st.offsets[i];
+      const D wi = num(w[i]);
+      D on_shared = num(0);
+      for (int j = lo; j < st.offsets[i + 1]; ++j) {
         const int l = st.class_index[j];
-        const double v = w[i] * row[j - lo];
-        Tile<W, Out>::lane_ref(sc.n, l, k) += v;
+        const D v = wi * D(sc.row[j - lo]);
+        sc.n[l] = D(sc.n[l]) + v;
         if (shared_class(l)) on_shared += v;
       }
-      Tile<W, Out>::lane_ref(sc.evidence_shared, i, k) = on_shared;
-    });
+      sc.evidence_shared[i] = on_shared;
+    }
     group_evidence();
     return valid;
   }
@@ -137,24 +144,25 @@ struct CeSolver {
     }
   }
 
-  // From D_g: 1 / D_g and x_g = N_g / D_g per group; per teacher the mass it covers,
+  // From D_g (first rescaled by `rescale`, as r was): 1 / D_g, x_g = N_g / D_g and the Newton
+  // system's link weight N_g / D_g^2 per group; per teacher the mass it covers,
   // mass_i = sum_{g covers i} x_g, and the part on groups it shares. Returns Z = sum_g x_g.
-  UHC_HD D point() const {
+  UHC_HD D point(const D& rescale) const {
     const Structure& st = s();
     D Z = num(0);
     for (int g = 0; g < st.G; ++g) {
-      const D inv = num(1) / vmax(D(sc.Dg[g]), num(2.2250738585072014e-308)), x = D(sc.Ng[g]) * inv;
-      sc.inv[g] = inv, sc.x[g] = x;
+      const D d = D(sc.Dg[g]) * rescale;
+      sc.Dg[g] = d;
+      const D inv = num(1) / vmax(d, num(2.2250738585072014e-308)), x = D(sc.Ng[g]) * inv;
+      sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = lanes_cast<S>(x * inv);
       Z += x;
     }
-    if (st.tch_ptr) {  // by teacher: one register accumulation each
+    if (st.tch_ptr) {  // by teacher, in registers
       for (int i = 0; i < st.N; ++i) {
         const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-        D acc = num(0);
-        for (int k = lo; k < mid; ++k) acc += D(sc.x[st.tch_group[k]]);
-        sc.shared[i] = acc;
-        for (int k = mid; k < hi; ++k) acc += D(sc.x[st.tch_group[k]]);
-        sc.mass[i] = acc;
+        const D on_shared = gather_sum<D>(sc.x, st.tch_group, lo, mid);
+        sc.shared[i] = on_shared;
+        sc.mass[i] = on_shared + gather_sum<D>(sc.x, st.tch_group, mid, hi);
       }
     } else {  // group by group
       for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0), sc.shared[i] = num(0);
@@ -182,16 +190,10 @@ struct CeSolver {
   UHC_HD void newton_step() const {
     const Structure& st = s();
     const int N = st.N, n = N - 1;
-    // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2
-    for (int g = 0; g < st.G; ++g) sc.curvature[g] = lanes_cast<S>(D(sc.x[g]) * D(sc.inv[g]));
+    // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2 (sc.curvature, from point())
     if (st.pair_ptr) {
-      for (int i = 0, p = 0; i < N; ++i) {
-        for (int j = i + 1; j < N; ++j, ++p) {
-          S acc = splat<S>(0.0);
-          for (int k = st.pair_ptr[p]; k < st.pair_ptr[p + 1]; ++k) acc += S(sc.curvature[st.pair_group[k]]);
-          sc.links[i * N + j] = acc;
-        }
-      }
+      for (int i = 0, p = 0; i < N; ++i)
+        for (int j = i + 1; j < N; ++j, ++p) sc.links[i * N + j] = gather_sum<S>(sc.curvature, st.pair_group, st.pair_ptr[p], st.pair_ptr[p + 1]);
     } else {
       for (int k = 0; k < N * N; ++k) sc.links[k] = splat<S>(0.0);
       for (int g = 0; g < st.G; ++g) {
@@ -223,39 +225,70 @@ struct CeSolver {
   // trial together: the relative and absolute KKT residuals of the current point (per class with
   // evidence, |q_l sum_{i covers l} w_i / S_i / n_l - 1| = |sum_{i in g} (w_i / mass_i) / D_g - 1|),
   // the step's largest first-order change of a soft label (m_g = sum_{i in g} pi_ig step_i), and
-  // F(t + step) - F(t) (see change()). Leaves m_g and the trial's sums in sc.mg and sc.acc.
-  UHC_HD void measure(const D& Z, const D& slope, D& relative, D& absolute, D& predicted, D& change_full) const {
+  // F(t + step) - F(t), or a bound on it where the bound already passes Armijo's test (see
+  // full_step_bound). Leaves m_g and the trial's sums in sc.mg and sc.acc.
+  UHC_HD void measure(const D& Z, const D& slope, const M& active, D& relative, D& absolute, D& predicted,
+                      D& change_full) const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
+    D low = num(0), high = num(0);  // the step's range (the grounded teacher's step is 0)
     for (int i = 0; i < st.N; ++i) {
       const D ri = sc.r[i], di = sc.step[i];
-      sc.wm[i] = w[i] / D(sc.mass[i]), sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+      sc.wm[i] = w[i] / D(sc.mass[i]), sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di), sc.rq[i] = ri * di * di;
+      low = vmin(low, di), high = vmax(high, di);
     }
-    relative = num(0), absolute = num(0), change_full = slope;
-    D c = num(0);
+    relative = num(0), absolute = num(0);
+    D c = num(0), quad = num(0), spread = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
       if (lo == hi) continue;
-      D kkt = num(0), m = num(0), trial = num(0);
+      D kkt = num(0), m = num(0), m2 = num(0), trial = num(0);
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
-        kkt += D(sc.wm[i]), m += D(sc.rs[i]), trial += D(sc.ex[i]);
+        kkt += D(sc.wm[i]), m += D(sc.rs[i]), m2 += D(sc.rq[i]), trial += D(sc.ex[i]);
       }
       const D inv = sc.inv[g], Ng = sc.Ng[g];
-      m = m * inv;
+      m = m * inv, m2 = m2 * inv;
       sc.mg[g] = m, sc.acc[g] = trial;
       c += D(sc.x[g]) * m;
+      quad += Ng * (m2 - m * m), spread += Ng * m2;
       const D gap = vabs(kkt * inv - 1.0);
       const auto has = Ng > 0;
       relative = vmax(relative, select(has, gap, num(0)));
       absolute = vmax(absolute, select(has, D(sc.Mg[g]) * gap, num(0)));
-      change_full += Ng * (vlog1p(trial * inv) - m);
     }
     const D inv_z = num(1) / Z;
     c = c * inv_z;
     D worst = num(0);
     for (int g = 0; g < st.G; ++g) worst = vmax(worst, D(sc.Mg[g]) * D(sc.inv[g]) * vabs(c - D(sc.mg[g])));
     predicted = worst * inv_z;
+
+    const D bound = full_step_bound(slope, quad, spread, high - low);
+    const M certified = bound <= kArmijo * slope;
+    change_full = bound;
+    if (!any(active & lnot(certified))) return;
+    D exact = slope;  // F's change term by term, as change() forms it
+    for (int g = 0; g < st.G; ++g) {
+      if (st.grp_ptr[g] == st.grp_ptr[g + 1]) continue;
+      exact += D(sc.Ng[g]) * (vlog1p(D(sc.acc[g]) * D(sc.inv[g])) - D(sc.mg[g]));
+    }
+    change_full = select(certified, bound, exact);
+  }
+
+  // An upper bound on F(t + step) - F(t) from the step's slope and curvature, with no logarithms.
+  // F's Hessian is sum_g N_g Cov_{pi_g}; along the step the weights pi_ig change by at most the
+  // factor e^{s range} (range = max step - min step), so the curvature does too, and
+  //   F(t + step) - F(t) <= slope + quad (e^x - 1 - x) / x^2,  x = range, quad = step' H step.
+  // quad is formed as sum_g N_g (E[step^2] - E[step]^2); `spread` (sum_g N_g E[step^2]) sizes the
+  // margin for its rounding. Where the bound passes Armijo, so does the exact change: the line
+  // search accepts the full step without the per-group logarithms (most steps after the first).
+  static UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D& range) {
+    const D x = range;
+    const D series = 0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 700))));  // x < 1e-2: above the tail
+    const D safe = vmax(x, num(1e-2));
+    const D closed = (vexpm1(safe) - safe) / (safe * safe);
+    const D phi = select(x < 1e-2, series, closed);
+    return slope + (vmax(quad, num(0)) + 1e-12 * spread) * phi * (1.0 + 1e-9);
   }
 
   // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),
@@ -276,9 +309,9 @@ struct CeSolver {
   }
 
   // Lanes in `ok` move to the trial whose sums are in sc.acc: D_g + sum_{i in g} r_i expm1(a step_i)
-  // is their D_g there.
-  UHC_HD void keep_trial(const M& ok) const {
-    for (int g = 0; g < s().G; ++g) sc.next[g] = select(ok, D(sc.Dg[g]) + D(sc.acc[g]), D(sc.next[g]));
+  // is their D_g there. The others keep sc.next: the current D_g (first) or an earlier trial's.
+  UHC_HD void keep_trial(const M& ok, bool first) const {
+    for (int g = 0; g < s().G; ++g) sc.next[g] = select(ok, D(sc.Dg[g]) + D(sc.acc[g]), first ? D(sc.Dg[g]) : D(sc.next[g]));
   }
 
   // Solve the tile from its evidence (read_evidence or packed_evidence first); q (K lanes) ends in
@@ -299,14 +332,15 @@ struct CeSolver {
     D total_w = zero;
     for (int i = 0; i < st.N; ++i) total_w += num(w[i]);
     point_from_t();
+    D rescale = one;
     for (int iteration = 0;; ++iteration) {
-      const D Z = point();
+      const D Z = point(rescale);
       gradient();
       newton_step();
       D slope = zero;
       for (int i = 0; i < st.N; ++i) slope += D(sc.grad[i]) * D(sc.step[i]);
       D relative, absolute, pred, change_full;
-      measure(Z, slope, relative, absolute, pred, change_full);
+      measure(Z, slope, active, relative, absolute, pred, change_full);
       rep.residual = select(active, relative, rep.residual);
       rep.abs_residual = select(active, absolute / total_w, rep.abs_residual);
       rep.step = select(active, pred, rep.step);
@@ -317,22 +351,22 @@ struct CeSolver {
       if (iteration >= max_iter) searching = zero != zero;  // out of steps
       // backtracking from the full step (its trial measured above); converged lanes may take only
       // that full (tiny) step
-      for (int g = 0; g < st.G; ++g) sc.next[g] = D(sc.Dg[g]);
       M trying = searching | done;
       M accepted = trying & (change_full <= kArmijo * slope) & isfinite_lanes(change_full);
-      keep_trial(accepted);
+      keep_trial(accepted, true);
       D a = one, taken = select(accepted, one, zero);
       trying = trying & lnot(accepted) & lnot(done);
       for (int h = 1; h < kMaxHalvings && any(trying); ++h) {
         a = a * 0.5;
         const D df = change(a, slope);
         const M ok = trying & (df <= kArmijo * a * slope) & isfinite_lanes(df);
-        keep_trial(ok);
+        keep_trial(ok, false);
         taken = select(ok, a, taken);
         accepted = accepted | ok;
         trying = trying & lnot(ok);
       }
-      // the accepted point: t, r and D_g move along (r and D_g rescaled so that max r = 1)
+      // the accepted point: t, r and D_g move along (D_g's buffer and its successor's trade places),
+      // r and D_g rescaled so that max r = 1 (D_g by the next point())
       D top = zero;
       for (int i = 0; i < st.N; ++i) {
         const D move = taken * D(sc.step[i]);
@@ -340,15 +374,16 @@ struct CeSolver {
         sc.r[i] = D(sc.r[i]) * vexp(move);
         top = vmax(top, D(sc.r[i]));
       }
-      const D rescale = one / top;
+      const auto Dg = sc.Dg;
+      sc.Dg = sc.next, sc.next = Dg;
+      rescale = one / top;
       for (int i = 0; i < st.N; ++i) sc.r[i] = D(sc.r[i]) * rescale;
-      for (int g = 0; g < st.G; ++g) sc.Dg[g] = D(sc.next[g]) * rescale;
       rep.iterations = rep.iterations + select(accepted & lnot(done), one, zero);
       active = searching & accepted;
       if (!any(active)) break;
     }
     // q_l = n_l / (D_g Z) at the final point
-    const D inv_z = one / point();
+    const D inv_z = one / point(rescale);
     for (int g = 0; g < st.G; ++g) {
       const bool covered = st.grp_ptr[g + 1] > st.grp_ptr[g];
       const D scale = covered ? D(sc.inv[g]) * inv_z : zero;

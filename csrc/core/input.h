@@ -81,6 +81,28 @@ struct RowStats {
   double sum = 0;
 };
 
+#if UHC_VECTORS
+typedef double Doubles8 __attribute__((vector_size(64)));
+
+// The 8 stored values row[j * stride], row[(j + 1) * stride], ... widened to doubles: one vector
+// load and conversion where they are contiguous float32 / float64, else one at a time (16-bit floats:
+// one instruction each with F16C).
+template <class In, class Widen>
+inline Doubles8 widen8(const In* row, int j, int64_t stride, Widen widen_one) {
+  Doubles8 y;
+  if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
+    if (stride == 1) {
+      typedef In V __attribute__((vector_size(8 * sizeof(In))));
+      V x;
+      memcpy(&x, row + j, sizeof(V));
+      return __builtin_convertvector(x, Doubles8);
+    }
+  }
+  for (int k = 0; k < 8; ++k) y[k] = widen_one(row[(j + k) * stride]);
+  return y;
+}
+#endif
+
 // The stats of n stored values of type In, `stride` elements apart.
 template <class In, class Widen>
 UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one) {
@@ -88,18 +110,10 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one)
   int j = 0;
 #if UHC_VECTORS
   if (stride == 1) {  // contiguous: 8 at a time in vector registers (x - x is NaN exactly for NaN and +-Inf)
-    typedef double V64 __attribute__((vector_size(64)));
-    V64 sum{}, spread{}, low{};
+    Doubles8 sum{}, spread{}, low{};
     for (; j + 8 <= n; j += 8) {
-      V64 y;
-      if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
-        typedef In V __attribute__((vector_size(8 * sizeof(In))));
-        V x;
-        memcpy(&x, row + j, sizeof(V));
-        y = __builtin_convertvector(x, V64);
-      } else {  // 16-bit floats: widened one by one (one instruction each with F16C), summed as vectors
-        for (int k = 0; k < 8; ++k) y[k] = widen_one(row[j + k]);
-      }
+      __builtin_prefetch(row + j + 512);  // the first read of the row, from memory: ask well ahead
+      const Doubles8 y = widen8(row, j, 1, widen_one);
       sum += y, spread += y - y;
       low = low < y ? low : y;
     }
@@ -125,11 +139,8 @@ template <class In, class Widen, class Convert, class Out>
 UHC_HD void convert_row(const In* row, int n, int64_t stride, Widen widen_one, Convert convert, Out out) {
   int j = 0;
 #if UHC_VECTORS
-  typedef double V64 __attribute__((vector_size(64)));
   for (; j + 8 <= n; j += 8) {
-    V64 x;
-    for (int k = 0; k < 8; ++k) x[k] = widen_one(row[(j + k) * stride]);
-    const V64 y = convert(x);
+    const Doubles8 y = convert(widen8(row, j, stride, widen_one));
     for (int k = 0; k < 8; ++k) out[j + k] = y[k];
   }
 #endif
@@ -141,11 +152,10 @@ template <class Out, class F>
 UHC_HD void map_row(Out out, int n, F f) {
   int j = 0;
 #if UHC_VECTORS
-  typedef double V64 __attribute__((vector_size(64)));
   for (; j + 8 <= n; j += 8) {
-    V64 x;
+    Doubles8 x;
     for (int k = 0; k < 8; ++k) x[k] = out[j + k];
-    const V64 y = f(x);
+    const Doubles8 y = f(x);
     for (int k = 0; k < 8; ++k) out[j + k] = y[k];
   }
 #endif

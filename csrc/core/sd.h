@@ -8,9 +8,8 @@ namespace UHC_NAMESPACE {
 template <int W, class Arena>
 struct SdScratch {
   using D = typename Lanes<W>::D;
-  View<Arena, D> p, n;         // packed probabilities (nnz), class sums (K)
-  UHC_HD SdScratch(Arena& a, const Structure& s)
-      : p(a.template take<D>(s.nnz)), n(a.template take<D>(s.K)) {}
+  View<Arena, D> p, n;  // one teacher's probabilities (at most K), class sums (K)
+  UHC_HD SdScratch(Arena& a, const Structure& s) : p(a.template take<D>(s.K)), n(a.template take<D>(s.K)) {}
 };
 
 // q_l proportional to sum_{i covers l} w_i p_il, written out.
@@ -18,11 +17,12 @@ template <int W, class Out, class Scratch>
 UHC_HD void solve_sd(const Tile<W, Out>& tile, const Scratch& sc) {
   using D = typename Lanes<W>::D;
   const Structure& s = tile.s();
-  tile.load(sc.p);
   for (int l = 0; l < s.K; ++l) sc.n[l] = splat<D>(0.0);
-  for (int i = 0; i < s.N; ++i) {
+  for (int i = 0; i < s.N; ++i) {  // one teacher at a time: its rows stay in cache for the scatter
+    tile.load_teacher(i, sc.p);
     const D wi = splat<D>(tile.prob.weights[i]);
-    for (int j = s.offsets[i]; j < s.offsets[i + 1]; ++j) sc.n[s.class_index[j]] = D(sc.n[s.class_index[j]]) + wi * D(sc.p[j]);
+    const int lo = s.offsets[i];
+    for (int j = lo; j < s.offsets[i + 1]; ++j) sc.n[s.class_index[j]] = D(sc.n[s.class_index[j]]) + wi * D(sc.p[j - lo]);
   }
   D sum = splat<D>(0.0);
   for (int l = 0; l < s.K; ++l) sum += D(sc.n[l]);

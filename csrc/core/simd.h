@@ -145,6 +145,27 @@ inline V splat(double x) {
   using T = lane_type<V>;
   return V{} + static_cast<T>(x);
 }
+// W vectors of W lanes transposed in place (lane c of r[k] becomes lane k of r[c]): log2(W) rounds
+// of swapping off-diagonal blocks, W shuffles a round, their indices built from a constant
+// 0, 1, ..., W - 1 so that they fold to constants.
+template <int W, class V, int64_t... c>
+inline void transpose(V* r, std::integer_sequence<int64_t, c...>) {
+  using M = typename Lanes<W>::M;
+  const M lane{c...};
+  for (int h = 1; h < W; h *= 2) {
+    // lanes of rows p and p + h (bit h of p clear) after this round
+    const M bit = (lane & h) != 0, low = bit ? lane + (W - h) : lane, high = bit ? lane + W : lane + h;
+    for (int p = 0; p < W; ++p) {
+      if (p & h) continue;
+      const V a = r[p], b = r[p + h];
+      r[p] = __builtin_shuffle(a, b, low), r[p + h] = __builtin_shuffle(a, b, high);
+    }
+  }
+}
+template <int W, class V>
+inline void transpose(V* r) {
+  transpose<W>(r, std::make_integer_sequence<int64_t, W>{});
+}
 #endif
 
 // Lanes of one element type as lanes of another (double <-> float), elementwise.
@@ -178,6 +199,20 @@ struct Strided {
   UHC_HD T& operator[](int64_t i) const { return p[i * stride]; }
   UHC_HD Strided at(int64_t offset) const { return Strided{p + offset * stride, stride}; }
 };
+
+// sum_{k in [lo, hi)} values[index[k]] as lanes of V, in four independent partial sums: a gather
+// loop with one accumulator waits on the add's latency at every entry.
+template <class V, class Values>
+UHC_HD V gather_sum(const Values& values, const int32_t* index, int lo, int hi) {
+  V a = splat<V>(0.0), b = a, c = a, d = a;
+  int k = lo;
+  for (; k + 4 <= hi; k += 4) {
+    a += V(values[index[k]]), b += V(values[index[k + 1]]);
+    c += V(values[index[k + 2]]), d += V(values[index[k + 3]]);
+  }
+  for (; k < hi; ++k) a += V(values[index[k]]);
+  return (a + b) + (c + d);
+}
 
 // Carves one tile's scratch out of a byte buffer: arrays of elements of any lane type, each
 // aligned to 64 bytes. Constructed on a null buffer it only measures (what `bytes()` returns is

@@ -55,33 +55,22 @@ struct Tile {
   UHC_HD int64_t sample(int k) const { return first + (k < lanes ? k : lanes - 1); }
 
   // Every teacher's row of every lane into `values` (nnz, packed teacher by teacher) as the method
-  // reads them, each lane's row written straight into its slots. Returns the lanes whose rows all
-  // passed the checks.
+  // reads them. Returns the lanes whose rows all passed the checks.
   template <class Values>
   UHC_HD M load(Values values) const {
-    const Structure& st = s();
     M valid = splat<D>(0.0) == splat<D>(0.0);
-    for (int i = 0; i < st.N; ++i) {
-      const int lo = st.offsets[i], n = st.offsets[i + 1] - lo;
-      for (int k = 0; k < W; ++k)
-        if (!read_row(prob.in, i, sample(k), n, lane_slots(values, lo, k))) set_lane(valid, k, 0);
-    }
+    for (int i = 0; i < s().N; ++i) valid = valid & load_teacher(i, values.at(s().offsets[i]));
     return valid;
   }
 
-  // For every teacher i and lane k: teacher i's row of lane k's sample into `row` (a view of K
-  // doubles), then each(i, k, row). Returns the lanes whose rows all passed the checks.
-  template <class Row, class Each>
-  UHC_HD M read(Row row, Each each) const {
-    const Structure& st = s();
+  // Teacher i's row of every lane into values[0 .. |L_i|) (lanes), each lane's row written straight
+  // into its slots. Returns the lanes whose rows passed the checks.
+  template <class Values>
+  UHC_HD M load_teacher(int i, Values values) const {
     M valid = splat<D>(0.0) == splat<D>(0.0);
-    for (int i = 0; i < st.N; ++i) {
-      const int n = st.offsets[i + 1] - st.offsets[i];
-      for (int k = 0; k < W; ++k) {
-        if (!read_row(prob.in, i, sample(k), n, row)) set_lane(valid, k, 0);
-        each(i, k, row);
-      }
-    }
+    const int n = s().offsets[i + 1] - s().offsets[i];
+    for (int k = 0; k < W; ++k)
+      if (!read_row(prob.in, i, sample(k), n, lane_slots(values, k))) set_lane(valid, k, 0);
     return valid;
   }
 
@@ -96,14 +85,14 @@ struct Tile {
     }
   }
 
-  // Lane k of elements lo, lo + 1, ... of a lanes array, as a view of doubles.
+  // Lane k of elements 0, 1, ... of a lanes array, as a view of doubles.
   template <class Values>
-  static UHC_HD auto lane_slots(Values values, int lo, int k) {
+  static UHC_HD auto lane_slots(Values values, int k) {
     if constexpr (W == 1) {
       (void)k;
-      return values.at(lo);
+      return values;
     } else {
-      return Strided<double>{reinterpret_cast<double*>(&values[lo]) + k, W};
+      return Strided<double>{reinterpret_cast<double*>(&values[0]) + k, W};
     }
   }
 
@@ -111,9 +100,24 @@ struct Tile {
   template <class Q>
   UHC_HD void write_soft(Q q) const {
     const int K = s().K;
+    int l0 = 0;
+#if UHC_VECTORS
+    if constexpr (W > 1) {  // W classes at a time: transposed in registers, each sample's W values stored as one vector
+      using O = std::conditional_t<std::is_same<Out, float>::value, typename Lanes<W>::F, D>;
+      for (; lanes == W && l0 + W <= K; l0 += W) {
+        D r[W];
+        for (int c = 0; c < W; ++c) r[c] = q[l0 + c];
+        transpose<W>(r);
+        for (int k = 0; k < W; ++k) {
+          const O values = __builtin_convertvector(r[k], O);
+          memcpy(prob.soft + (first + k) * K + l0, &values, sizeof(O));
+        }
+      }
+    }
+#endif
     for (int k = 0; k < lanes; ++k) {
       Out* out = prob.soft + (first + k) * K;
-      for (int l = 0; l < K; ++l) out[l] = static_cast<Out>(lane_ref(q, l, k));
+      for (int l = l0; l < K; ++l) out[l] = static_cast<Out>(lane_ref(q, l, k));
     }
   }
 
