@@ -81,9 +81,10 @@ struct CeSolver {
     for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
     M valid = num(0) == num(0);
     for (int i = 0; i < st.N; ++i) {
-      valid = valid & tile.load_teacher(i, sc.row);
+      D scale;
+      valid = valid & tile.load_teacher(i, sc.row, &scale);
       const int lo = st.offsets[i];
-      const D wi = num(w[i]);
+      const D wi = num(w[i]) * scale;
       D on_shared = num(0);
       for (int j = lo; j < st.offsets[i + 1]; ++j) {
         const int l = st.class_index[j];

@@ -103,9 +103,11 @@ inline Doubles8 widen8(const In* row, int j, int64_t stride, Widen widen_one) {
 }
 #endif
 
-// The stats of n stored values of type In, `stride` elements apart.
-template <class In, class Widen>
-UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one) {
+// The stats of n stored values of type In, `stride` elements apart; with a `copy` view (not
+// nullptr) the widened values are written there as they are read.
+template <class In, class Widen, class Copy>
+UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one, Copy copy) {
+  constexpr bool copying = !std::is_same<Copy, std::nullptr_t>::value;
   RowStats st;
   int j = 0;
 #if UHC_VECTORS
@@ -114,6 +116,8 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one)
     for (; j + 8 <= n; j += 8) {
       __builtin_prefetch(row + j + 512);  // the first read of the row, from memory: ask well ahead
       const Doubles8 y = widen8(row, j, 1, widen_one);
+      if constexpr (copying)
+        for (int k = 0; k < 8; ++k) copy[j + k] = y[k];
       sum += y, spread += y - y;
       low = low < y ? low : y;
     }
@@ -126,6 +130,7 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one)
 #endif
   for (; j < n; ++j) {
     const double x = widen_one(row[j * stride]);
+    if constexpr (copying) copy[j] = x;
     st.finite &= x - x == 0;
     st.negative |= x < 0;
     st.sum += x;
@@ -181,16 +186,23 @@ UHC_HD auto with_row(const TeacherInput& t, int64_t b, F f) {
 // Teacher i's row b (n values) into out[0 .. n) as what the method reads: probabilities
 // renormalised over the row, or logits, at the temperature. Returns false (and records why) when
 // the row fails a check; `out` then holds a harmless uniform row so the solver finishes quickly.
+// A method that only weights the values (`scale` not null) may get them unnormalised: where
+// renormalising is all the reading does, `out` holds the stored values, written in the checking
+// pass, and *scale their factor (1 / the row's sum); otherwise *scale = 1.
 template <class Out>
-UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out) {
+UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out, double* scale = nullptr) {
   const TeacherInput& t = in.teachers[i];
   const bool logits_out = in.value_kind == kLogits;
+  if (scale) *scale = 1.0;
   if (t.data == 0) {  // the alpha prior
     for (int j = 0; j < n; ++j) out[j] = logits_out ? 0.0 : 1.0 / n;
     return true;
   }
-  const RowStats stats =
-      with_row(t, b, [&](const auto* row, auto widen_one) { return row_stats(row, n, t.col_stride, widen_one); });
+  const bool renormalise = t.kind == kProbs && !logits_out && in.temperature == 1.0;
+  const bool copy = scale && renormalise;
+  const RowStats stats = with_row(t, b, [&](const auto* row, auto widen_one) {
+    return copy ? row_stats(row, n, t.col_stride, widen_one, out) : row_stats(row, n, t.col_stride, widen_one, nullptr);
+  });
   const bool finite = stats.finite, negative = stats.negative;
   const double sum = stats.sum;
   const bool probs_in = t.kind == kProbs;
@@ -211,8 +223,12 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out) {
     for (int j = 0; j < n; ++j) out[j] = logits_out ? 0.0 : 1.0 / n;
     return false;
   }
-  if (probs_in && !logits_out && in.temperature == 1.0) {  // renormalise: absorbs a stored softmax's rounding
+  if (renormalise) {  // absorbs a stored softmax's rounding
     const double inv = 1.0 / sum;
+    if (copy) {
+      *scale = inv;
+      return true;
+    }
     with_row(t, b, [&](const auto* row, auto widen_one) {
       convert_row(row, n, t.col_stride, widen_one, [inv](auto x) { return x * inv; }, out);
       return 0;

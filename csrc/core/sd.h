@@ -19,8 +19,9 @@ UHC_HD void solve_sd(const Tile<W, Out>& tile, const Scratch& sc) {
   const Structure& s = tile.s();
   for (int l = 0; l < s.K; ++l) sc.n[l] = splat<D>(0.0);
   for (int i = 0; i < s.N; ++i) {  // one teacher at a time: its rows stay in cache for the scatter
-    tile.load_teacher(i, sc.p);
-    const D wi = splat<D>(tile.prob.weights[i]);
+    D scale;
+    tile.load_teacher(i, sc.p, &scale);
+    const D wi = splat<D>(tile.prob.weights[i]) * scale;
     const int lo = s.offsets[i];
     for (int j = lo; j < s.offsets[i + 1]; ++j) sc.n[s.class_index[j]] = D(sc.n[s.class_index[j]]) + wi * D(sc.p[j - lo]);
   }

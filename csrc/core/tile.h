@@ -64,13 +64,17 @@ struct Tile {
   }
 
   // Teacher i's row of every lane into values[0 .. |L_i|) (lanes), each lane's row written straight
-  // into its slots. Returns the lanes whose rows passed the checks.
+  // into its slots. Returns the lanes whose rows passed the checks. With `scale`, the values may be
+  // left unnormalised and *scale holds each lane's factor (see read_row).
   template <class Values>
-  UHC_HD M load_teacher(int i, Values values) const {
+  UHC_HD M load_teacher(int i, Values values, D* scale = nullptr) const {
     M valid = splat<D>(0.0) == splat<D>(0.0);
     const int n = s().offsets[i + 1] - s().offsets[i];
-    for (int k = 0; k < W; ++k)
-      if (!read_row(prob.in, i, sample(k), n, lane_slots(values, k))) set_lane(valid, k, 0);
+    for (int k = 0; k < W; ++k) {
+      double factor;
+      if (!read_row(prob.in, i, sample(k), n, lane_slots(values, k), scale ? &factor : nullptr)) set_lane(valid, k, 0);
+      if (scale) set_lane(*scale, k, factor);
+    }
     return valid;
   }
 
