@@ -80,12 +80,16 @@ _OPTIONS = {
     "mf-p": lambda bn: (4, 200) if bn <= 16 else (8, 200) if bn <= 32 else (8, 255),
     "mf-lu": lambda bn: (4, 255) if bn <= 16 else (8, 255),
 }
-# Triton before 3.7 (3.6 is what the GPU machines have) allocates more registers to ce and mf-p:
-# under the caps above ptxas spills 224 B (ce) and 120 B (mf-p) at N=20; these caps spill nothing
-# at N <= 32 there (checked the same way, with triton 3.6 installed).
+# Triton before 3.7 (3.6 is what the GPU machines have) allocates more registers (checked the same
+# way, with triton 3.6 installed): under the caps above ptxas spills 224 B (ce) and 120 B (mf-p) at
+# N=20, and mf-lu's 4-warp tiles spill at 8 and 16 teachers (184 B, 88 B); the settings below spill
+# nothing up to 32 teachers. At 33-64, ce and mf-p spill whatever the cap (120 B, 2.6 KB): there
+# they serve 32 teachers at most, and larger problems go to the reference like any other.
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
     _OPTIONS["ce"] = lambda bn: (4, 184) if bn <= 16 else (8, 184) if bn <= 32 else (8, 255)
     _OPTIONS["mf-p"] = lambda bn: (4, 232) if bn <= 16 else (8, 232) if bn <= 32 else (8, 255)
+    _OPTIONS["mf-lu"] = lambda bn: (4, 255) if bn <= 4 else (8, 255)
+    MAX_TEACHERS.update({"ce": 32, "mf-p": 32})
 
 
 def options(method: str, num_teachers: int) -> dict:

@@ -323,9 +323,13 @@ struct CeSolver {
     D sum = num(0);
     for (int g = 0; g < st.G; ++g) sum += D(sc.Ng[g]);
     // start at sd: t_i = log w_i - log S_i(n / sum n)
-    for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0);
-    for (int g = 0; g < st.G; ++g)
-      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) sc.mass[st.grp_teacher[k]] = D(sc.mass[st.grp_teacher[k]]) + D(sc.Ng[g]);
+    if (st.tch_ptr) {  // by teacher, in registers
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = gather_sum<D>(sc.Ng, st.tch_group, st.tch_ptr[i], st.tch_ptr[i + 1]);
+    } else {
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0);
+      for (int g = 0; g < st.G; ++g)
+        for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) sc.mass[st.grp_teacher[k]] = D(sc.mass[st.grp_teacher[k]]) + D(sc.Ng[g]);
+    }
     for (int i = 0; i < st.N; ++i) sc.t[i] = vlog(num(w[i])) - vlog(D(sc.mass[i]) / sum);
 
     Report<W> rep{num(0), num(0), num(0), num(0), num(0) != num(0)};
