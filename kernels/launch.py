@@ -80,15 +80,19 @@ _OPTIONS = {
     "mf-p": lambda bn: (4, 200) if bn <= 16 else (8, 200) if bn <= 32 else (8, 255),
     "mf-lu": lambda bn: (4, 255) if bn <= 16 else (8, 255),
 }
+# The warps a teacher tile is sized for (BLOCK_T = 32 x warps / BLOCK_N), where not the launch's.
+_TILE_WARPS = {}
 # Triton before 3.7 (3.6 is what the GPU machines have) allocates more registers (checked the same
 # way, with triton 3.6 installed): under the caps above ptxas spills 224 B (ce) and 120 B (mf-p) at
-# N=20, and mf-lu's 4-warp tiles spill at 8 and 16 teachers (184 B, 88 B); the settings below spill
-# nothing up to 32 teachers. At 33-64, ce and mf-p spill whatever the cap (120 B, 2.6 KB): there
-# they serve 32 teachers at most, and larger problems go to the reference like any other.
+# N=20, and mf-lu spills at 8 and 16 teachers (184 B, 88 B; 276 B with 8 warps on a tile sized for
+# them). The settings below spill nothing up to 32 teachers: mf-lu runs 8 warps over a 4-warp tile
+# there. At 33-64, ce and mf-p spill whatever the cap (120 B, 2.6 KB): there they serve 32 teachers
+# at most, and larger problems go to the reference like any other.
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
     _OPTIONS["ce"] = lambda bn: (4, 184) if bn <= 16 else (8, 184) if bn <= 32 else (8, 255)
     _OPTIONS["mf-p"] = lambda bn: (4, 232) if bn <= 16 else (8, 232) if bn <= 32 else (8, 255)
     _OPTIONS["mf-lu"] = lambda bn: (4, 255) if bn <= 4 else (8, 255)
+    _TILE_WARPS["mf-lu"] = lambda bn: 4 if bn <= 16 else 8
     MAX_TEACHERS.update({"ce": 32, "mf-p": 32})
 
 
@@ -106,7 +110,8 @@ def geometry(method: str, num_teachers: int, block_rows: int = BLOCK_ROWS) -> di
     if method == "sd":
         return {"BLOCK_R": block_rows}
     bn = block_teachers(num_teachers)
-    elements = 32 * options(method, num_teachers)["num_warps"]
+    tile_warps = _TILE_WARPS.get(method, lambda _: options(method, num_teachers)["num_warps"])(bn)
+    elements = 32 * tile_warps
     if method == "mf-p" and bn >= 64:  # its 64 x 64 Hessian and factor take the registers
         elements //= 2
     return {"BLOCK_N": bn, "BLOCK_R": block_rows, "BLOCK_T": max(1, elements // bn)}
