@@ -145,6 +145,7 @@ inline V splat(double x) {
   using T = lane_type<V>;
   return V{} + static_cast<T>(x);
 }
+
 // W vectors of W lanes transposed in place (lane c of r[k] becomes lane k of r[c]): log2(W) rounds
 // of swapping off-diagonal blocks, W shuffles a round, their indices built from a constant
 // 0, 1, ..., W - 1 so that they fold to constants.
