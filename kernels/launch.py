@@ -110,8 +110,8 @@ def geometry(method: str, num_teachers: int, block_rows: int = BLOCK_ROWS) -> di
     if method == "sd":
         return {"BLOCK_R": block_rows}
     bn = block_teachers(num_teachers)
-    tile_warps = _TILE_WARPS.get(method, lambda _: options(method, num_teachers)["num_warps"])(bn)
-    elements = 32 * tile_warps
+    warps = _TILE_WARPS[method](bn) if method in _TILE_WARPS else options(method, num_teachers)["num_warps"]
+    elements = 32 * warps
     if method == "mf-p" and bn >= 64:  # its 64 x 64 Hessian and factor take the registers
         elements //= 2
     return {"BLOCK_N": bn, "BLOCK_R": block_rows, "BLOCK_T": max(1, elements // bn)}

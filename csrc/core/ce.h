@@ -226,8 +226,8 @@ struct CeSolver {
   // trial together: the relative and absolute KKT residuals of the current point (per class with
   // evidence, |q_l sum_{i covers l} w_i / S_i / n_l - 1| = |sum_{i in g} (w_i / mass_i) / D_g - 1|),
   // the step's largest first-order change of a soft label (m_g = sum_{i in g} pi_ig step_i), and
-  // F(t + step) - F(t), or a bound on it where the bound already passes Armijo's test (see
-  // full_step_bound). Leaves m_g and the trial's sums in sc.mg and sc.acc.
+  // a bound on F(t + step) - F(t) (full_step_bound), or where the bound does not pass Armijo's test
+  // for an active lane, the exact change (change(1)). Leaves m_g and the trial's sums in sc.mg and sc.acc.
   UHC_HD void measure(const D& Z, const D& slope, const M& active, D& relative, D& absolute, D& predicted,
                       D& change_full) const {
     const Structure& st = s();
@@ -267,13 +267,7 @@ struct CeSolver {
     const D bound = full_step_bound(slope, quad, spread, high - low);
     const M certified = bound <= kArmijo * slope;
     change_full = bound;
-    if (!any(active & lnot(certified))) return;
-    D exact = slope;  // F's change term by term, as change() forms it
-    for (int g = 0; g < st.G; ++g) {
-      if (st.grp_ptr[g] == st.grp_ptr[g + 1]) continue;
-      exact += D(sc.Ng[g]) * (vlog1p(D(sc.acc[g]) * D(sc.inv[g])) - D(sc.mg[g]));
-    }
-    change_full = select(certified, bound, exact);
+    if (any(active & lnot(certified))) change_full = select(certified, bound, change(num(1), slope));
   }
 
   // An upper bound on F(t + step) - F(t) from the step's slope and curvature, with no logarithms.
