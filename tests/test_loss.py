@@ -171,7 +171,13 @@ def test_disconnected_graph_default_alpha_is_estimates_and_so_is_the_minimiser()
 
     optimiser.step(closure)
     expected = uhc_fast.estimate(outputs, teachers, "ce", backend="torch")  # the same default alpha
-    torch.testing.assert_close(torch.softmax(logits.detach(), dim=1), expected, atol=1e-6, rtol=0)
+    # L-BFGS stops when the loss no longer changes in float64; along the direction only the prior fixes
+    # (curvature ~ alpha) that leaves its minimiser about 1e-6 away (1.5e-6 on one machine)
+    torch.testing.assert_close(torch.softmax(logits.detach(), dim=1), expected, atol=1e-5, rtol=0)
+    # the estimate itself is a stationary point of the loss, to float64 rounding
+    at = expected.log().requires_grad_()
+    loss_fn(at, outputs).backward()
+    assert float(at.grad.abs().max()) < 1e-12
 
 
 @pytest.mark.interpret

@@ -23,7 +23,7 @@ struct CeScratch {
   View<Arena, D> row;                           // one teacher's rows (at most K values)
   View<Arena, D> Ng, Mg, Dg, inv, x, mg, acc, next;  // per group: evidence, largest class evidence, D_g,
                                                      // 1 / D_g, N_g / D_g, step mean, trial sums, next D_g
-  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs, rq;  // per teacher
+  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs;  // per teacher
   View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
   View<Arena, S> links, ground, rhs, pivot, sol;  // the grounded Newton system
   UHC_HD CeScratch(Arena& a, const Structure& s)
@@ -47,7 +47,6 @@ struct CeScratch {
         ex(a.template take<D>(s.N)),
         wm(a.template take<D>(s.N)),
         rs(a.template take<D>(s.N)),
-        rq(a.template take<D>(s.N)),
         curvature(a.template take<S>(s.G)),
         links(a.template take<S>(int64_t(s.N) * s.N)),
         ground(a.template take<S>(s.N)),
@@ -81,7 +80,7 @@ struct CeSolver {
     for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
     M valid = num(0) == num(0);
     for (int i = 0; i < st.N; ++i) {
-      D scale;
+      D scale = num(1);
       valid = valid & tile.load_teacher(i, sc.row, &scale);
       const int lo = st.offsets[i];
       const D wi = num(w[i]) * scale;
@@ -154,7 +153,7 @@ struct CeSolver {
     for (int g = 0; g < st.G; ++g) {
       const D d = D(sc.Dg[g]) * rescale;
       sc.Dg[g] = d;
-      const D inv = num(1) / vmax(d, num(2.2250738585072014e-308)), x = D(sc.Ng[g]) * inv;
+      const D inv = vrecip(vmax(d, num(2.2250738585072014e-308))), x = D(sc.Ng[g]) * inv;
       sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = lanes_cast<S>(x * inv);
       Z += x;
     }
@@ -232,27 +231,30 @@ struct CeSolver {
                       D& change_full) const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
-    D low = num(0), high = num(0);  // the step's range (the grounded teacher's step is 0)
+    // spread = sum_g N_g E_{pi_g}[step^2] = sum_i r_i step_i^2 mass_i: by teacher, so that the
+    // group pass gathers three values per entry, not four
+    D low = num(0), high = num(0), spread = num(0);  // the step's range (the grounded teacher's step is 0)
     for (int i = 0; i < st.N; ++i) {
-      const D ri = sc.r[i], di = sc.step[i];
-      sc.wm[i] = w[i] / D(sc.mass[i]), sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di), sc.rq[i] = ri * di * di;
+      const D ri = sc.r[i], di = sc.step[i], mi = sc.mass[i];
+      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+      spread += ri * di * di * mi;
       low = vmin(low, di), high = vmax(high, di);
     }
     relative = num(0), absolute = num(0);
-    D c = num(0), quad = num(0), spread = num(0);
+    D c = num(0), mean_square = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
       if (lo == hi) continue;
-      D kkt = num(0), m = num(0), m2 = num(0), trial = num(0);
+      D kkt = num(0), m = num(0), trial = num(0);
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
-        kkt += D(sc.wm[i]), m += D(sc.rs[i]), m2 += D(sc.rq[i]), trial += D(sc.ex[i]);
+        kkt += D(sc.wm[i]), m += D(sc.rs[i]), trial += D(sc.ex[i]);
       }
       const D inv = sc.inv[g], Ng = sc.Ng[g];
-      m = m * inv, m2 = m2 * inv;
+      m = m * inv;
       sc.mg[g] = m, sc.acc[g] = trial;
       c += D(sc.x[g]) * m;
-      quad += Ng * (m2 - m * m), spread += Ng * m2;
+      mean_square += Ng * m * m;
       const D gap = vabs(kkt * inv - 1.0);
       const auto has = Ng > 0;
       relative = vmax(relative, select(has, gap, num(0)));
@@ -264,7 +266,10 @@ struct CeSolver {
     for (int g = 0; g < st.G; ++g) worst = vmax(worst, D(sc.Mg[g]) * D(sc.inv[g]) * vabs(c - D(sc.mg[g])));
     predicted = worst * inv_z;
 
-    const D bound = full_step_bound(slope, quad, spread, high - low);
+    // quad = step' H step = sum_g N_g Var_{pi_g}(step) = spread - sum_g N_g m_g^2 (each part >= 0):
+    // both sums' rounding is within (G + N) ulps of spread
+    const double rounding = 1e-12 + 4.5e-16 * (st.G + st.N);
+    const D bound = full_step_bound(slope, spread - mean_square, spread, high - low, rounding);
     const M certified = bound <= kArmijo * slope;
     change_full = bound;
     if (any(active & lnot(certified))) change_full = select(certified, bound, change(num(1), slope));
@@ -274,16 +279,16 @@ struct CeSolver {
   // F's Hessian is sum_g N_g Cov_{pi_g}; along the step the weights pi_ig change by at most the
   // factor e^{s range} (range = max step - min step), so the curvature does too, and
   //   F(t + step) - F(t) <= slope + quad (e^x - 1 - x) / x^2,  x = range, quad = step' H step.
-  // quad is formed as sum_g N_g (E[step^2] - E[step]^2); `spread` (sum_g N_g E[step^2]) sizes the
-  // margin for its rounding. Where the bound passes Armijo, so does the exact change: the line
-  // search accepts the full step without the per-group logarithms (most steps after the first).
-  static UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D& range) {
+  // quad is formed as a difference of sums up to `spread` (sum_g N_g E[step^2]); `rounding` times
+  // spread is the margin for their rounding. Where the bound passes Armijo, so does the exact change:
+  // the line search accepts the full step without the per-group logarithms (most steps after the first).
+  static UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D& range, double rounding) {
     const D x = range;
     const D series = 0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 700))));  // x < 1e-2: above the tail
     const D safe = vmax(x, num(1e-2));
     const D closed = (vexpm1(safe) - safe) / (safe * safe);
     const D phi = select(x < 1e-2, series, closed);
-    return slope + (vmax(quad, num(0)) + 1e-12 * spread) * phi * (1.0 + 1e-9);
+    return slope + (vmax(quad, num(0)) + rounding * spread) * phi * (1.0 + 1e-9);
   }
 
   // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),

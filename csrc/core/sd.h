@@ -19,7 +19,7 @@ UHC_HD void solve_sd(const Tile<W, Out>& tile, const Scratch& sc) {
   const Structure& s = tile.s();
   for (int l = 0; l < s.K; ++l) sc.n[l] = splat<D>(0.0);
   for (int i = 0; i < s.N; ++i) {  // one teacher at a time: its rows stay in cache for the scatter
-    D scale;
+    D scale = splat<D>(1.0);
     tile.load_teacher(i, sc.p, &scale);
     const D wi = splat<D>(tile.prob.weights[i]) * scale;
     const int lo = s.offsets[i];

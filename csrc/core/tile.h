@@ -71,7 +71,7 @@ struct Tile {
     M valid = splat<D>(0.0) == splat<D>(0.0);
     const int n = s().offsets[i + 1] - s().offsets[i];
     for (int k = 0; k < W; ++k) {
-      double factor;
+      double factor = 1.0;
       if (!read_row(prob.in, i, sample(k), n, lane_slots(values, k), scale ? &factor : nullptr)) set_lane(valid, k, 0);
       if (scale) set_lane(*scale, k, factor);
     }

@@ -5,6 +5,10 @@
 
 #include <cmath>
 
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
+
 #include "simd.h"
 
 namespace UHC_NAMESPACE {
@@ -45,6 +49,7 @@ UHC_HD double vsqrt(double x) {
   return std::sqrt(x);
 #endif
 }
+UHC_HD double vrecip(double x) { return 1.0 / x; }
 UHC_HD float vsqrt(float x) {
 #if defined(__CUDA_ARCH__)
   return ::sqrtf(x);
@@ -145,6 +150,26 @@ inline D vexpm1(D x) {
   y = (u == 1.0) ? x : y;
   y = (d == -1.0) ? splat<D>(-1.0) : y;
   return (x > 700.0) ? u : y;
+}
+
+// 1 / x for positive x (the solvers' denominators). With AVX-512: the 14-bit estimate and two
+// Newton steps, each doubling its bits (within two ulps of the quotient, +inf to 0), at a quarter
+// of a division's cost (vdivpd on 8 lanes issues once per 16 cycles).
+template <class D, class = decltype(D{}[0] + 1.0)>
+inline D vrecip(D x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(D) == sizeof(__m512d)) {
+    __m512d estimate;
+    memcpy(&estimate, &x, sizeof(D));
+    estimate = _mm512_maskz_rcp14_pd(0xff, estimate);  // (the unmasked form warns of an undefined source in GCC 12)
+    D y;
+    memcpy(&y, &estimate, sizeof(D));
+    y = y + y * (1.0 - x * y);
+    y = y + y * (1.0 - x * y);
+    return x == INFINITY ? splat<D>(0.0) : y;
+  }
+#endif
+  return 1.0 / x;
 }
 
 template <class V, class = decltype(V{}[0])>
