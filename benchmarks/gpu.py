@@ -298,26 +298,31 @@ CUDA_METHOD_CODES = {"sd": 0, "ce": 1, "mf-p": 2, "mf-lf": 3, "mf-lu": 4}  # csr
 
 
 def cuda_records(shapes, source: str) -> list[dict]:
-    """The CUDA extension's kernels, one record per method and shape: ``solve_kernel<M, float>``
-    serves float16 and float32 inputs, ``<M, double>`` float64. A kernel missing from the
-    statistics is an error, not a silent pass."""
+    """The CUDA extension's kernels, one record per method and shape: ``team_kernel<M, float>`` (sd,
+    mf-lf: a warp per sample) or ``solve_kernel<M, float>`` (a thread per sample) serves float16 and
+    float32 inputs, ``<M, double>`` float64. A kernel missing from the statistics is an error, not a
+    silent pass."""
     try:
         stats = nvcc_stats() if source == "nvcc" else cuobjdump_stats()
         error = None
     except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
         stats, error = {}, f"{type(err).__name__}: {err}"
+    from uhc_fast.backends.native_launch import load_module
+
+    by_teams = load_module("cpu").team_methods
     records = []
     for shape in shapes:
         out = "double" if shape.dtype == "float64" else "float"
         for method, code in CUDA_METHOD_CODES.items():
-            mangled = f"solve_kernelILi{code}E{out[0]}E"
+            kernel = "team_kernel" if code in by_teams else "solve_kernel"
+            mangled = f"{kernel}ILi{code}E{out[0]}E"
             name = next((n for n in stats if mangled in n), None)
             s = stats.get(name, {}) if name else {}
             spills = None if source != "nvcc" or not s else s.get("spill_stores", 0) + s.get("spill_loads", 0)
             records.append(
                 {
                     "backend": "cuda",
-                    "kernel": f"solve_kernel<{method},{out}>",
+                    "kernel": f"{kernel}<{method},{out}>",
                     "method": method,
                     "shape": shape.name,
                     "gate": shape.label == GATE,

@@ -1,14 +1,17 @@
-// The CUDA launcher's thread grid as plain host/device code: how many threads a call runs, how
-// their scratch is interleaved in one workspace, and what each thread does (a tile of one sample,
-// samples tid, tid + threads, ...). kernels.cu launches it on the GPU; the CPU module can run the
-// same grid on the CPU (solve_grid), so that CI exercises the GPU's per-thread code path
-// (interleaved scratch, grid-stride loop, workspace sizing) on machines without a GPU.
+// The CUDA launcher's grids as plain host/device code. The team methods (team_solve.h: sd, mf-lf)
+// run one warp per sample: how many teams a call runs and where their scratch lives (team_plan).
+// The others run one thread per sample: how many threads, how their scratch is interleaved in one
+// workspace, and what each thread does (a tile of one sample, samples tid, tid + threads, ...).
+// kernels.cu launches both on the GPU; the CPU module runs the same grids on the CPU (solve_grid,
+// cpu/teams.cpp), so that CI exercises the GPU's code paths (team code, interleaved scratch,
+// grid-stride loops, workspace sizing) on machines without a GPU.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "bindings.h"
+#include "core/team_solve.h"
 
 namespace UHC_NAMESPACE {
 
@@ -26,6 +29,34 @@ inline Plan grid_plan(int method, int64_t batch, const Structure& s) {
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(batch, kGridWorkspaceBudget / per_thread));
   threads = std::min<int64_t>(threads, kGridMaxThreads);
   return Plan{threads, threads * per_thread};
+}
+
+constexpr int kTeamLanes = 32;     // a team is a warp
+constexpr int kTeamsPerBlock = 4;  // warps per block
+
+// A team launch: `teams` (a multiple of kTeamsPerBlock) over the samples, team t taking samples
+// t, t + teams, ...; each with `slots` doubles of scratch in its block's shared memory when the
+// block's fit in `shared_per_block` bytes, else in a workspace of `workspace_bytes`.
+struct TeamPlan {
+  int64_t teams;
+  int64_t slots;
+  bool shared;
+  int64_t workspace_bytes;
+};
+
+// resident_teams: how many teams the device holds at once (more would only queue).
+inline TeamPlan team_plan(int method, int64_t batch, const Structure& s, int64_t shared_per_block,
+                          int64_t resident_teams) {
+  TeamPlan p{};
+  p.slots = team_slots(method, s);
+  const int64_t per_team = p.slots * int64_t(sizeof(double));
+  p.shared = per_team * kTeamsPerBlock <= shared_per_block;
+  const int64_t round = kTeamsPerBlock;
+  int64_t teams = std::min((std::max<int64_t>(batch, 1) + round - 1) / round, std::max<int64_t>(resident_teams / round, 1));
+  if (!p.shared) teams = std::min(teams, std::max<int64_t>(1, kGridWorkspaceBudget / (per_team * round)));
+  p.teams = teams * round;
+  p.workspace_bytes = p.shared ? 0 : p.teams * per_team;
+  return p;
 }
 
 // Thread `tid` of `threads`, method M: element i of its scratch at workspace[i * threads + tid].

@@ -1,5 +1,6 @@
-"""What only the compiled backends have: instruction-set variants, the CUDA launcher's thread grid
-run on the CPU, the launch's argument checks, native validation, threads and what ``info()`` says.
+"""What only the compiled backends have: instruction-set variants, the CUDA launcher's grids run on
+the CPU (its thread grid, and its warp-per-sample teams with threads as lanes), the launch's
+argument checks, native validation, threads and what ``info()`` says.
 
 The answers' agreement with the torch reference, the dtypes, strides and validation errors every
 backend shares are ``test_backends.py``'s. Numbers from the SIMD lanes and from the one-lane
@@ -171,6 +172,73 @@ def test_cuda_grid_on_cpu_reads_strided_inputs_and_reports_errors():
     assert torch.equal(errors, expected_errors)
 
 
+TEAM_METHODS = [name for name in methods.NAMES if methods.get(name).code in module.team_methods]
+TEAM_CASES = {  # beyond CASES: probabilities at a temperature; more classes and teachers than lanes
+    "probs at a temperature": dict(seed=3, temperature=0.7, uncovered=2),
+    "wide": dict(seed=4, classes=90, teachers=40, coverage=0.2, batch=6, weights=True),
+}
+
+
+def test_the_team_methods_are_the_closed_forms():
+    assert TEAM_METHODS == ["sd", "mf-lf"]
+
+
+@pytest.mark.parametrize("case_name", [*CASES, *TEAM_CASES])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("method", TEAM_METHODS)
+def test_cuda_teams_on_cpu_match_the_cpu_backend_for_any_width(method, dtype, case_name):
+    """The GPU's team code (a warp per sample: strided lanes, reductions, syncs) with teams of any
+    width, 1 to a warp's 32 (more lanes than columns included), and any number of teams: the CPU
+    backend's answers to rounding; for one width, bit for bit the same whatever the grid."""
+    problem = case(**{**CASES, **TEAM_CASES}[case_name])
+    args = arguments(problem, method, dtype)
+    expected = native_launch.launch_cpu(*args)
+    for lanes in (1, 3, 32):
+        first = None
+        for teams in (1, 4, 5):
+            got = native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=teams, lanes=lanes)
+            assert_rounding_close(method, dtype, got, expected, f"{teams} teams of {lanes} lanes")
+            if first is None:
+                first = got
+            else:
+                assert torch.equal(got[0], first[0]), f"{teams} teams of {lanes} lanes"
+
+
+@pytest.mark.parametrize("method", TEAM_METHODS)
+def test_cuda_teams_on_cpu_read_strided_inputs_and_report_errors_as_the_cpu_backend(method):
+    problem = case(**CASES["probs"])
+    tensors = [x.clone() for x in problem.tensors(torch.float32)]
+    views = [x.t().contiguous().t() for x in tensors]
+    expected = native_launch.launch_cpu(*arguments(problem, method, outputs=tensors))
+    got = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, method, outputs=views), grid_threads=4)
+    assert_rounding_close(method, torch.float32, got, expected, "strided views")
+    views[2][5, 1] = float("nan")
+    views[0][9] = -views[0][9]
+    views[1][3] *= 1.5  # a row that does not sum to 1
+    views[3][7] = 0.0
+    errors = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, method, outputs=views), grid_threads=4)[-1]
+    expected_errors = native_launch.launch_cpu(*arguments(problem, method, outputs=views))[-1]
+    assert int((expected_errors >= 0).sum()) == 4
+    assert torch.equal(errors, expected_errors)
+
+
+def test_team_plan_puts_scratch_on_chip_when_it_fits():
+    per_block = module.teams_per_block
+    sizes = native_launch.header(case(4, classes=40, teachers=9).teachers().layout().structure)
+    sd, mf_lf = methods.get("sd").code, methods.get("mf-lf").code
+    shape = [sizes[k] for k in STRUCTURE_HEADER]
+    teams, slots, shared, nbytes = module.team_plan(sd, 10, *shape, 227 << 10, 132 * 64)
+    assert (teams, slots, shared, nbytes) == (12, sizes["K"], True, 0)  # whole blocks, 10 samples
+    assert module.team_plan(mf_lf, 10, *shape, 227 << 10, 132 * 64)[1] == sizes["K"] + 2 * sizes["N"]
+    teams, *_ = module.team_plan(sd, 10**9, *shape, 227 << 10, 132 * 64)
+    assert teams == 132 * 64  # no more than the device holds at once
+    # scratch that does not fit a block's shared memory goes to a workspace, within the budget
+    teams, slots, shared, nbytes = module.team_plan(sd, 10**9, 8, 20000, 30000, 20000, 30000, 0, 227 << 10, 132 * 64)
+    assert not shared and nbytes == teams * slots * 8 <= 256 << 20 and teams % per_block == 0
+    with pytest.raises(ValueError, match=r"does not run by teams"):
+        module.team_plan(methods.get("ce").code, 10, *shape, 227 << 10, 132 * 64)
+
+
 def test_grid_plan_caps_workspace_and_threads():
     budget, max_threads = 256 << 20, 1 << 20
     for method in methods.NAMES:
@@ -224,8 +292,12 @@ def test_argument_errors_name_the_argument():
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):
             launch(**changes)
-    with pytest.raises(ValueError, match=r"grid_threads must be >= 1"):
+    with pytest.raises(ValueError, match=r"teams must be >= 1"):  # mf-lf runs by teams
         native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=0)
+    with pytest.raises(ValueError, match=r"lanes must be in \[1, 64\]"):
+        native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=4, lanes=65)
+    with pytest.raises(ValueError, match=r"grid_threads must be >= 1"):
+        native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce"), grid_threads=0)
     with pytest.raises(ValueError, match=r"structure is on cpu, the teachers on meta"):
         launch(tensors=[x.to("meta") for x in tensors])
     # nothing was wrong with the arguments themselves

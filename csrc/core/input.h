@@ -167,6 +167,17 @@ UHC_HD void map_row(Out out, int n, F f) {
   for (; j < n; ++j) out[j] = f(static_cast<double>(out[j]));
 }
 
+// The first check (Check) a row of teacher t with these stats fails, or -1.
+UHC_HD int failed_check(const Inputs& in, const TeacherInput& t, const RowStats& stats) {
+  if (!stats.finite) return kNotFinite;
+  if (t.kind != kProbs) return -1;
+  const double off = stats.sum - 1;
+  if (stats.negative) return kNegative;
+  if (stats.sum == 0) return kAllZero;
+  if ((off < 0 ? -off : off) > in.sum_tolerance[t.dtype]) return kSumOff;
+  return -1;
+}
+
 // Calls f(row pointer, widen function) for row b of teacher t in its stored type.
 template <class F>
 UHC_HD auto with_row(const TeacherInput& t, int64_t b, F f) {
@@ -203,21 +214,9 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out, double*
   const RowStats stats = with_row(t, b, [&](const auto* row, auto widen_one) {
     return copy ? row_stats(row, n, t.col_stride, widen_one, out) : row_stats(row, n, t.col_stride, widen_one, nullptr);
   });
-  const bool finite = stats.finite, negative = stats.negative;
   const double sum = stats.sum;
   const bool probs_in = t.kind == kProbs;
-  int failed = -1;
-  if (!finite) {
-    failed = kNotFinite;
-  } else if (probs_in) {
-    const double off = sum - 1;
-    if (negative)
-      failed = kNegative;
-    else if (sum == 0)
-      failed = kAllZero;
-    else if ((off < 0 ? -off : off) > in.sum_tolerance[t.dtype])
-      failed = kSumOff;
-  }
+  const int failed = failed_check(in, t, stats);
   if (failed >= 0) {
     record(in.errors + i * kChecks + failed, static_cast<unsigned long long>(b));
     for (int j = 0; j < n; ++j) out[j] = logits_out ? 0.0 : 1.0 / n;

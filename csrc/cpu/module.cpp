@@ -18,6 +18,8 @@ namespace py = pybind11;
 
 // Per-sample class sets (top-k outputs): cpu/topk.cpp.
 void register_topk(py::module_& m);
+// The CUDA launcher's team grid emulated on the CPU: cpu/teams.cpp.
+void register_teams(py::module_& m);
 
 // The per-instruction-set entry points (cpu/tiles.cpp, one namespace each; CMakeLists.txt says which exist).
 #define UHC_DECLARE_ISA(name)                        \
@@ -165,4 +167,5 @@ PYBIND11_MODULE(_native_cpu, m) {
   m.attr("structure_header") = uhc::kStructureHeader;
   m.attr("prior_teacher_mark") = uhc::kPriorTeacher;
   register_topk(m);
+  register_teams(m);
 }

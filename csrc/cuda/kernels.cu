@@ -1,10 +1,14 @@
-// The CUDA launcher: one thread per sample (grid-stride), each a one-lane tile of the same solvers
-// as the CPU backend (csrc/core/). The grid (thread count, interleaved workspace, what each thread
-// does) is csrc/grid.h, which the CPU module can also run on the CPU.
+// The CUDA launcher. sd and mf-lf: one warp per sample (core/team_solve.h), its scratch in shared
+// memory, its rows read by consecutive lanes. ce, mf-p, mf-lu: one thread per sample (grid-stride),
+// each a one-lane tile of the same solvers as the CPU backend (csrc/core/). The grids (team_plan;
+// thread count, interleaved workspace, what each thread does) are csrc/grid.h, which the CPU
+// module can also run on the CPU.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/launch.h"
 
@@ -23,11 +27,44 @@ __global__ void __launch_bounds__(kBlock, min_blocks(M)) solve_kernel(Problem<Ou
   if (tid < threads) solve_grid_thread<M>(prob, workspace, tid, threads);
 }
 
+// Warp `threadIdx.x / 32` of the block is team blockIdx.x * kTeamsPerBlock + that; its scratch is
+// its slice of the block's shared memory, or of the workspace where that is not null. At least 4
+// blocks per SM: without the bound ptxas caps the kernel at 64 registers and spills the four loads
+// each lane keeps in flight (TeamRow::for_each_stored).
+template <int M, class Out>
+__global__ void __launch_bounds__(kTeamsPerBlock * kTeamLanes, 4)
+    team_kernel(Problem<Out> prob, double* workspace, int64_t slots, int64_t teams) {
+  extern __shared__ double shared[];
+  const int warp = static_cast<int>(threadIdx.x) / kTeamLanes;
+  const int64_t team_id = int64_t(blockIdx.x) * kTeamsPerBlock + warp;
+  double* scratch = (workspace ? workspace + team_id * slots : shared + warp * slots);
+  const WarpTeam team{static_cast<int>(threadIdx.x) % kTeamLanes};
+  for (int64_t b = team_id; b < prob.batch; b += teams) solve_sample_by_team<M>(team, prob, b, scratch);
+}
+
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// The team grid for this device: blocks resident per SM by threads (2048 per SM) and shared memory.
+TeamPlan device_team_plan(int method, int64_t batch, const Structure& s, int device) {
+  int sms = 0, optin = 0, per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "multiprocessor count");
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory per block");
+  check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device), "shared memory per SM");
+  const int64_t block_bytes = team_slots(method, s) * int64_t(sizeof(double)) * kTeamsPerBlock;
+  int64_t blocks_per_sm = 2048 / (kTeamsPerBlock * kTeamLanes);
+  if (block_bytes <= optin) blocks_per_sm = std::min<int64_t>(blocks_per_sm, std::max<int64_t>(1, per_sm / (block_bytes + 1024)));
+  return team_plan(method, batch, s, optin, int64_t(sms) * blocks_per_sm * kTeamsPerBlock);
+}
+
 }  // namespace
+
+Plan cuda_plan(int method, int64_t batch, const Structure& s, int device) {
+  if (!team_method(method)) return grid_plan(method, batch, s);
+  const TeamPlan p = device_team_plan(method, batch, s, device);
+  return Plan{p.teams, p.workspace_bytes};
+}
 
 void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads) {
   if (args.batch == 0) return;
@@ -35,13 +72,26 @@ void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t works
   // this module links its own (static) CUDA runtime, whose current device is not torch's
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   dispatch_dtype(args, [&](const auto& prob) {
     with_method(prob.method, [&](auto m) {
-      solve_kernel<decltype(m)::value><<<blocks, kBlock, 0, s>>>(prob, reinterpret_cast<double*>(workspace), threads);
+      constexpr int M = decltype(m)::value;
+      using Out = std::remove_pointer_t<decltype(prob.soft)>;
+      if constexpr (team_method(M)) {  // `threads`: teams, as cuda_plan gave them
+        const TeamPlan p = device_team_plan(M, args.batch, prob.s, device);
+        if (threads % kTeamsPerBlock != 0) throw std::invalid_argument("teams must be a multiple of 4");
+        const int64_t smem = p.shared ? p.slots * int64_t(sizeof(double)) * kTeamsPerBlock : 0;
+        check_cuda(cudaFuncSetAttribute(team_kernel<M, Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                   "team_kernel shared memory");
+        const unsigned blocks = static_cast<unsigned>(threads / kTeamsPerBlock);
+        team_kernel<M, Out><<<blocks, kTeamsPerBlock * kTeamLanes, size_t(smem), s>>>(
+            prob, p.shared ? nullptr : reinterpret_cast<double*>(workspace), p.slots, threads);
+      } else {
+        const unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
+        solve_kernel<M><<<blocks, kBlock, 0, s>>>(prob, reinterpret_cast<double*>(workspace), threads);
+      }
     });
   });
-  check_cuda(cudaGetLastError(), "solve_kernel launch");
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 int cuda_device_count() {

@@ -8,6 +8,9 @@
 
 namespace uhc {
 
+// (threads, workspace bytes) of a call on `device`: for the team methods, teams (warps).
+Plan cuda_plan(int method, int64_t batch, const Structure& s, int device);
+
 // Enqueue the solve on `stream` (a cudaStream_t as an integer) of device `device`.
 void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads);
 

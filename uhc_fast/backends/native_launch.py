@@ -187,7 +187,9 @@ def launch_cuda(tensors, kinds, structure, weights, system, method, out_dtype, t
     if args is not None:
         device = tensors[0].device
         with torch.cuda.device(device):
-            threads, nbytes = module.plan(args["method"], args["batch"], *(args[k] for k in STRUCTURE_HEADER))
+            threads, nbytes = module.plan(
+                args["method"], args["batch"], *(args[k] for k in STRUCTURE_HEADER), device=device.index
+            )
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
             stream = torch.cuda.current_stream(device)
             module.solve(
@@ -203,19 +205,38 @@ def launch_cuda(tensors, kinds, structure, weights, system, method, out_dtype, t
 
 
 def launch_cuda_grid_on_cpu(
-    tensors, kinds, structure, weights, system, method, out_dtype, temperature, eps, tol, max_iter, grid_threads=None
+    tensors,
+    kinds,
+    structure,
+    weights,
+    system,
+    method,
+    out_dtype,
+    temperature,
+    eps,
+    tol,
+    max_iter,
+    grid_threads=None,
+    lanes=None,
 ):
-    """The CUDA launcher run on the CPU: the same thread grid (``grid_threads`` emulated GPU
-    threads, by default the launcher's own plan), interleaved scratch and grid-stride loop as
-    :func:`launch_cuda`, on CPU tensors. Tests use it to exercise the GPU's per-thread code path
-    where no GPU is lent; returns the same as :func:`launch_cpu`."""
+    """The CUDA launcher run on the CPU, on CPU tensors; returns the same as :func:`launch_cpu`.
+    Tests use it to exercise the GPU's code paths where no GPU is lent.
+
+    ``sd`` and ``mf-lf`` run by teams (one warp per sample): ``grid_threads`` teams (by default one
+    block of them) of ``lanes`` threads (default a warp's 32) playing the lanes. The other methods
+    run :func:`launch_cuda`'s thread grid: ``grid_threads`` emulated GPU threads (by default the
+    launcher's own plan), interleaved scratch and grid-stride loop."""
     module = load_module("cpu")
     outs, keep, args = _prepare(
         "cpu", tensors, kinds, structure, weights, system, method, out_dtype, temperature, eps, tol, max_iter
     )
     if args is not None:
-        if grid_threads is None:
-            grid_threads, _ = module.grid_plan(args["method"], args["batch"], *(args[k] for k in STRUCTURE_HEADER))
-        module.solve_grid(**args, grid_threads=grid_threads, threads=torch.get_num_threads())
+        if args["method"] in module.team_methods:
+            teams = module.teams_per_block if grid_threads is None else grid_threads
+            module.solve_teams(**args, teams=teams, lanes=module.team_lanes if lanes is None else lanes)
+        else:
+            if grid_threads is None:
+                grid_threads, _ = module.grid_plan(args["method"], args["batch"], *(args[k] for k in STRUCTURE_HEADER))
+            module.solve_grid(**args, grid_threads=grid_threads, threads=torch.get_num_threads())
     del keep
     return outs

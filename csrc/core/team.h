@@ -1,0 +1,140 @@
+// Teams: the lanes of a GPU warp solving one sample together, so that a teacher's row is read by
+// consecutive lanes (coalesced) and the sample's state stays in one small block of on-chip memory.
+// The team code (team_solve.h) is written once against this interface:
+//
+//   int lane() const, size() const;   // this lane, and the team's width
+//   void sync() const;                // every lane's earlier memory writes are seen by all
+//   double sum(double x) const;       // over the lanes, the same value in every lane
+//   double max(double x) const;
+//   bool any(bool p) const;
+//
+// WarpTeam runs it on the GPU (cuda/kernels.cu); cpu/teams.cpp emulates it on the CPU with one
+// thread per lane and a barrier, so that CI runs the GPU's team code where no GPU is lent.
+#pragma once
+
+#include "input.h"
+
+namespace UHC_NAMESPACE {
+
+#if defined(__CUDACC__)
+// A warp's 32 lanes. The butterfly leaves the same value in every lane (a + b == b + a).
+struct WarpTeam {
+  int lane_;
+  __device__ int lane() const { return lane_; }
+  __device__ static constexpr int size() { return 32; }
+  __device__ void sync() const { __syncwarp(); }
+  __device__ double sum(double x) const {
+    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+    return x;
+  }
+  __device__ double max(double x) const {
+    for (int m = 16; m > 0; m >>= 1) {
+      const double y = __shfl_xor_sync(0xffffffffu, x, m);
+      x = x < y ? y : x;
+    }
+    return x;
+  }
+  __device__ bool any(bool p) const { return __any_sync(0xffffffffu, p) != 0; }
+};
+#endif
+
+// Row b of teacher i as a team reads it, by read_row's rules (input.h): check() sums the checks'
+// stats over the lanes (and records a failure); for_each_value() then hands each lane its columns
+// as the method reads them.
+struct TeamRow {
+  const TeacherInput* t;
+  const Inputs* in;
+  int64_t b;
+  int n;
+  bool valid = true;
+  double inv_sum = 1, zmax = 0, inv_total = 1;  // renormalised probabilities; a softmax of logits
+
+  UHC_HD bool logits_out() const { return in->value_kind == kLogits; }
+  UHC_HD bool renormalise() const { return t->kind == kProbs && !logits_out() && in->temperature == 1.0; }
+
+  // Column j as stored, widened (the dtype's branch is the same in every lane).
+  UHC_HD double stored(int j) const {
+    const int64_t at = b * t->row_stride + j * t->col_stride;
+    switch (t->dtype) {
+      case kFloat16:
+        return half_to_float(reinterpret_cast<const uint16_t*>(t->data)[at]);
+      case kBFloat16:
+        return bfloat16_to_float(reinterpret_cast<const uint16_t*>(t->data)[at]);
+      case kFloat32:
+        return reinterpret_cast<const float*>(t->data)[at];
+      default:
+        return reinterpret_cast<const double*>(t->data)[at];
+    }
+  }
+
+  // f(j, x) for this lane's columns j = lane, lane + size, ..., x column j as stored: four loads
+  // issued before they are used, so that a lane has them in flight together.
+  template <class Team, class F>
+  UHC_HD void for_each_stored(const Team& team, F f) const {
+    const int step = team.size();
+    int j = team.lane();
+    for (; j + 3 * step < n; j += 4 * step) {
+      const double x0 = stored(j), x1 = stored(j + step), x2 = stored(j + 2 * step), x3 = stored(j + 3 * step);
+      f(j, x0), f(j + step, x1), f(j + 2 * step, x2), f(j + 3 * step, x3);
+    }
+    for (; j < n; j += step) f(j, stored(j));
+  }
+
+  // A stored value's logit at the temperature (the log of a probability clamped at eps).
+  UHC_HD double logit(double x) const {
+    return (t->kind == kProbs ? vlog(x < in->eps ? in->eps : x) : x) * (1.0 / in->temperature);
+  }
+
+  // f(j, v) for this lane's columns, v column j as the method reads it: a logit, or a probability
+  // of the (renormalised) row; the prior's and a failed row's uniform values.
+  template <class Team, class F>
+  UHC_HD void for_each_value(const Team& team, F f) const {
+    if (t->data == 0 || !valid) {
+      const double v = logits_out() ? 0.0 : 1.0 / n;
+      for (int j = team.lane(); j < n; j += team.size()) f(j, v);
+    } else if (logits_out()) {
+      for_each_stored(team, [&](int j, double x) { f(j, logit(x)); });
+    } else if (renormalise()) {
+      for_each_stored(team, [&](int j, double x) { f(j, x * inv_sum); });
+    } else {
+      for_each_stored(team, [&](int j, double x) { f(j, vexp(logit(x) - zmax) * inv_total); });
+    }
+  }
+
+  // The checks over the lanes (their first failure recorded by lane 0), and what the values need.
+  template <class Team>
+  UHC_HD bool check(const Team& team) {
+    if (t->data == 0) return true;
+    double sum = 0;
+    bool finite = true, negative = false;
+    for_each_stored(team, [&](int, double x) { finite &= x - x == 0, negative |= x < 0, sum += x; });
+    RowStats stats;
+    stats.sum = team.sum(sum), stats.finite = !team.any(!finite), stats.negative = team.any(negative);
+    const int failed = failed_check(*in, *t, stats);
+    if (failed >= 0) {
+      if (team.lane() == 0) record(in->errors + int64_t(t - in->teachers) * kChecks + failed, static_cast<unsigned long long>(b));
+      valid = false;
+      return false;
+    }
+    if (renormalise()) {
+      inv_sum = 1.0 / stats.sum;
+    } else if (!logits_out()) {  // a softmax of the logits at the temperature
+      double top = -INFINITY;
+      for_each_stored(team, [&](int, double x) { top = vmax(top, logit(x)); });
+      zmax = team.max(top);
+      double total = 0;
+      for_each_stored(team, [&](int, double x) { total += vexp(logit(x) - zmax); });
+      inv_total = 1.0 / team.sum(total);
+    }
+    return true;
+  }
+};
+
+// Teacher i's row b (n columns), unchecked.
+UHC_HD TeamRow team_row(const Inputs& in, int i, int64_t b, int n) {
+  TeamRow row;
+  row.t = in.teachers + i, row.in = &in, row.b = b, row.n = n;
+  return row;
+}
+
+}  // namespace UHC_NAMESPACE

@@ -1,0 +1,116 @@
+// The closed-form methods solved by a team per sample (team.h): `sd` and `mf-lf`, the two whose
+// floor is the memory traffic. The lanes read each teacher's row at consecutive columns and share
+// the sample's class sums in one scratch block of team_slots() doubles (the GPU's shared memory
+// where it fits). The answers are those of sd.h and mf_lf.h up to the order of additions.
+#pragma once
+
+#include "team.h"
+#include "tile.h"
+
+namespace UHC_NAMESPACE {
+
+// Whether method M runs by teams on the GPU (the others: one thread per sample, grid.h).
+UHC_HD constexpr bool team_method(int method) { return method == kSD || method == kMFLF; }
+
+// Doubles of scratch one team needs for `method` (a team method).
+UHC_HD int64_t team_slots(int method, const Structure& s) { return method == kSD ? s.K : int64_t(s.K) + 2 * s.N; }
+
+// sum over the lanes' classes l = lane, lane + size, ... of f(l), over the team.
+template <class Team, class F>
+UHC_HD double team_sum_over(const Team& team, int n, F f) {
+  double part = 0;
+  for (int l = team.lane(); l < n; l += team.size()) part += f(l);
+  return team.sum(part);
+}
+
+// `sd`: n_l = sum_{i covers l} w_i p_il, normalised. Within one teacher's row the classes are
+// distinct, so the lanes add into n without conflicts; a sync separates the teachers.
+template <class Team, class Out>
+UHC_HD void team_sd(const Team& team, const Problem<Out>& prob, int64_t b, double* n) {
+  const Structure& s = prob.s;
+  for (int l = team.lane(); l < s.K; l += team.size()) n[l] = 0;
+  team.sync();
+  for (int i = 0; i < s.N; ++i) {
+    const int lo = s.offsets[i], len = s.offsets[i + 1] - lo;
+    TeamRow row = team_row(prob.in, i, b, len);
+    row.check(team);
+    const double wi = prob.weights[i];
+    row.for_each_value(team, [&](int j, double p) { n[s.class_index[lo + j]] += wi * p; });
+    team.sync();
+  }
+  const double inv = 1.0 / team_sum_over(team, s.K, [n](int l) { return n[l]; });
+  Out* out = prob.soft + b * s.K;
+  for (int l = team.lane(); l < s.K; l += team.size()) out[l] = static_cast<Out>(n[l] * inv);
+  team.sync();  // the team's next sample reuses n
+}
+
+// `mf-lf` (mf_lf.h): u_l = zbar_l - sum_{i covers l} w_i c_i / W_l with c = S b, where
+// b_i = sum_{j in L_i} (z_ij - zbar_j) is formed as (sum_j z_ij) - (sum_{l in L_i} zbar_l), so that
+// each row is read once (no packed copy of the logits).
+template <class Team, class Out>
+UHC_HD void team_mf_lf(const Team& team, const Problem<Out>& prob, int64_t b, double* scratch) {
+  const Structure& s = prob.s;
+  const double* w = prob.weights;
+  double* u = scratch;           // (K): the weighted sums of logits, then zbar, then u
+  double* bias = scratch + s.K;  // (N): b
+  double* c = bias + s.N;        // (N): c = S b
+  for (int l = team.lane(); l < s.K; l += team.size()) u[l] = 0;
+  team.sync();
+  for (int i = 0; i < s.N; ++i) {
+    const int lo = s.offsets[i], len = s.offsets[i + 1] - lo;
+    TeamRow row = team_row(prob.in, i, b, len);
+    row.check(team);
+    double part = 0;
+    row.for_each_value(team, [&](int j, double z) { u[s.class_index[lo + j]] += w[i] * z, part += z; });
+    const double total = team.sum(part);
+    if (team.lane() == 0) bias[i] = total;
+    team.sync();
+  }
+  // zbar_l: the weighted mean of the teachers' logits of class l
+  for (int l = team.lane(); l < s.K; l += team.size()) {
+    double total = 0;
+    for (int k = s.cls_ptr[l]; k < s.cls_ptr[l + 1]; ++k) total += w[s.cls_teacher[k]];
+    u[l] = u[l] / (total > 0 ? total : 1.0);
+  }
+  team.sync();
+  for (int i = 0; i < s.N; ++i) {
+    const int lo = s.offsets[i];
+    const double on_classes = team_sum_over(team, s.offsets[i + 1] - lo, [&](int j) { return u[s.class_index[lo + j]]; });
+    if (team.lane() == 0) bias[i] -= on_classes;
+  }
+  team.sync();
+  for (int i = team.lane(); i < s.N; i += team.size()) {
+    double acc = 0;
+    for (int k = 0; k < s.N; ++k) acc += prob.system[int64_t(i) * s.N + k] * bias[k];
+    c[i] = acc;
+  }
+  team.sync();
+  double top = -INFINITY;
+  for (int l = team.lane(); l < s.K; l += team.size()) {
+    double wc = 0, total = 0;
+    for (int k = s.cls_ptr[l]; k < s.cls_ptr[l + 1]; ++k) {
+      const double wi = w[s.cls_teacher[k]];
+      wc += wi * c[s.cls_teacher[k]], total += wi;
+    }
+    u[l] -= wc / (total > 0 ? total : 1.0);
+    if (s.cls_ptr[l + 1] > s.cls_ptr[l]) top = vmax(top, u[l]);
+  }
+  // the softmax over the covered classes, zero elsewhere
+  top = team.max(top);
+  for (int l = team.lane(); l < s.K; l += team.size()) u[l] = s.cls_ptr[l + 1] > s.cls_ptr[l] ? vexp(u[l] - top) : 0.0;
+  const double inv = 1.0 / team_sum_over(team, s.K, [u](int l) { return u[l]; });
+  Out* out = prob.soft + b * s.K;
+  for (int l = team.lane(); l < s.K; l += team.size()) out[l] = static_cast<Out>(u[l] * inv);
+  team.sync();  // the team's next sample reuses the scratch
+}
+
+// Sample b of a team method M by `team`, in its scratch block.
+template <int M, class Team, class Out>
+UHC_HD void solve_sample_by_team(const Team& team, const Problem<Out>& prob, int64_t b, double* scratch) {
+  if constexpr (M == kSD)
+    team_sd(team, prob, b, scratch);
+  else if constexpr (M == kMFLF)
+    team_mf_lf(team, prob, b, scratch);
+}
+
+}  // namespace UHC_NAMESPACE

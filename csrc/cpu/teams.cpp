@@ -1,0 +1,115 @@
+// The CUDA launcher's team grid (grid.h: team_plan; core/team_solve.h) emulated on the CPU, for
+// tests: `lanes` threads play one warp's lanes, meeting at a barrier wherever the warp would
+// synchronise or exchange values. They walk the grid's teams one after another (team t solving
+// samples t, t + teams, ... in its own scratch), so any grid runs on `lanes` threads.
+#include <pybind11/pybind11.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "grid.h"
+
+namespace py = pybind11;
+
+namespace {
+
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0, ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation_ != generation; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_, waiting_ = 0;
+  int64_t generation_ = 0;
+};
+
+// One lane of an emulated warp (the Team interface of core/team.h). Reductions go through `slots`
+// (one per lane) between two barriers, and add in lane order: every lane gets the same value.
+struct EmulatedTeam {
+  int lane_, size_;
+  Barrier* barrier;
+  double* slots;
+  int lane() const { return lane_; }
+  int size() const { return size_; }
+  void sync() const { barrier->wait(); }
+  template <class F>
+  double reduce(double x, F f) const {
+    slots[lane_] = x;
+    sync();
+    double out = slots[0];
+    for (int k = 1; k < size_; ++k) out = f(out, slots[k]);
+    sync();
+    return out;
+  }
+  double sum(double x) const { return reduce(x, [](double a, double b) { return a + b; }); }
+  double max(double x) const { return reduce(x, [](double a, double b) { return a < b ? b : a; }); }
+  bool any(bool p) const { return max(p ? 1.0 : 0.0) > 0; }
+};
+
+void solve_teams(UHC_SOLVE_PARAMS, int64_t teams, int lanes) {
+  const uhc::Args args = UHC_SOLVE_PARAMS_AS_ARGS;
+  if (!uhc::team_method(method)) throw std::invalid_argument("solve_teams: method code " + std::to_string(method) + " does not run by teams");
+  if (teams < 1) throw std::invalid_argument("teams must be >= 1");
+  if (lanes < 1 || lanes > 64) throw std::invalid_argument("lanes must be in [1, 64]");
+  uhc::dispatch_dtype(args, [&](const auto& prob) {
+    const int64_t slots = uhc::team_slots(prob.method, prob.s);
+    std::vector<double> scratch(static_cast<size_t>(teams * slots)), exchange(static_cast<size_t>(lanes));
+    Barrier barrier(lanes);
+    std::vector<std::thread> threads;
+    for (int lane = 0; lane < lanes; ++lane) {
+      threads.emplace_back([&, lane] {
+        const EmulatedTeam team{lane, lanes, &barrier, exchange.data()};
+        uhc::with_method(prob.method, [&](auto m) {
+          constexpr int M = decltype(m)::value;
+          if constexpr (uhc::team_method(M))
+            for (int64_t t = 0; t < teams; ++t)
+              for (int64_t b = t; b < prob.batch; b += teams)
+                uhc::solve_sample_by_team<M>(team, prob, b, scratch.data() + t * slots);
+        });
+      });
+    }
+    for (auto& thread : threads) thread.join();
+  });
+}
+
+py::tuple team_plan(int method, int64_t batch, int64_t N, int64_t K, int64_t nnz, int64_t G, int64_t E, int64_t P,
+                    int64_t shared_per_block, int64_t resident_teams) {
+  if (!uhc::team_method(method)) throw std::invalid_argument("team_plan: method code " + std::to_string(method) + " does not run by teams");
+  const uhc::TeamPlan p = uhc::team_plan(method, batch, uhc::Structure::of_sizes(N, K, nnz, G, E, P), shared_per_block, resident_teams);
+  return py::make_tuple(p.teams, p.slots, p.shared, p.workspace_bytes);
+}
+
+}  // namespace
+
+void register_teams(py::module_& m) {
+  m.def("solve_teams", &solve_teams,
+        "solve() through the CUDA launcher's team grid (sd, mf-lf: one warp per sample), emulated on the CPU with "
+        "`lanes` threads as a warp's lanes (for tests).",
+        UHC_SOLVE_ARGS, py::arg("teams"), py::arg("lanes") = uhc::kTeamLanes, py::call_guard<py::gil_scoped_release>());
+  m.def("team_plan", &team_plan,
+        "The CUDA launcher's team grid for a device with `shared_per_block` bytes of shared memory per block that "
+        "holds `resident_teams` teams at once: (teams, scratch doubles per team, in shared memory, workspace bytes).",
+        py::arg("method"), py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("nnz"), py::arg("G"), py::arg("E"),
+        py::arg("P"), py::arg("shared_per_block"), py::arg("resident_teams"));
+  py::list codes;
+  for (int method : {uhc::kSD, uhc::kCE, uhc::kMFP, uhc::kMFLF, uhc::kMFLU})
+    if (uhc::team_method(method)) codes.append(method);
+  m.attr("team_methods") = codes;  // the method codes the CUDA launcher runs by teams
+  m.attr("team_lanes") = uhc::kTeamLanes;
+  m.attr("teams_per_block") = uhc::kTeamsPerBlock;
+}
