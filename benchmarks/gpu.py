@@ -299,7 +299,7 @@ CUDA_METHOD_CODES = {"sd": 0, "ce": 1, "mf-p": 2, "mf-lf": 3, "mf-lu": 4}  # csr
 
 def cuda_records(shapes, source: str) -> list[dict]:
     """The CUDA extension's kernels, one record per method and shape: ``team_kernel<M, float>`` (sd,
-    mf-lf: a warp per sample) or ``solve_kernel<M, float>`` (a thread per sample) serves float16 and
+    mf-lf: a warp per sample; ce: a block) or ``solve_kernel<M, float>`` (a thread per sample) serves float16 and
     float32 inputs, ``<M, double>`` float64. A kernel missing from the statistics is an error, not a
     silent pass."""
     try:
@@ -309,7 +309,7 @@ def cuda_records(shapes, source: str) -> list[dict]:
         stats, error = {}, f"{type(err).__name__}: {err}"
     from uhc_fast.backends.native_launch import load_module
 
-    by_teams = load_module("cpu").team_methods
+    by_teams = load_module("cpu").team_shapes
     records = []
     for shape in shapes:
         out = "double" if shape.dtype == "float64" else "float"

@@ -1,5 +1,5 @@
-// The CUDA launcher's grids as plain host/device code. The team methods (team_solve.h: sd, mf-lf)
-// run one warp per sample: how many teams a call runs and where their scratch lives (team_plan).
+// The CUDA launcher's grids as plain host/device code. The team methods (team_solve.h: sd, mf-lf a
+// warp per sample, ce a block): how many teams a call runs and where their scratch lives (team_plan).
 // The others run one thread per sample: how many threads, how their scratch is interleaved in one
 // workspace, and what each thread does (a tile of one sample, samples tid, tid + threads, ...).
 // kernels.cu launches both on the GPU; the CPU module runs the same grids on the CPU (solve_grid,
@@ -31,12 +31,11 @@ inline Plan grid_plan(int method, int64_t batch, const Structure& s) {
   return Plan{threads, threads * per_thread};
 }
 
-constexpr int kTeamLanes = 32;     // a team is a warp
-constexpr int kTeamsPerBlock = 4;  // warps per block
+constexpr int kTeamExchange = 8;  // doubles of shared memory a block team's reductions use (one a warp)
 
-// A team launch: `teams` (a multiple of kTeamsPerBlock) over the samples, team t taking samples
-// t, t + teams, ...; each with `slots` doubles of scratch in its block's shared memory when the
-// block's fit in `shared_per_block` bytes, else in a workspace of `workspace_bytes`.
+// A team launch: `teams` (whole blocks of team_shape(method).per_block) over the samples, team t
+// taking samples t, t + teams, ...; each with `slots` doubles of scratch in its block's shared
+// memory when a block's fit in `shared_per_block` bytes, else in a workspace of `workspace_bytes`.
 struct TeamPlan {
   int64_t teams;
   int64_t slots;
@@ -44,17 +43,22 @@ struct TeamPlan {
   int64_t workspace_bytes;
 };
 
+// The shared memory of one block of `method`'s teams, in bytes.
+inline int64_t team_block_bytes(int method, const Structure& s) {
+  const TeamShape shape = team_shape(method);
+  return (team_slots(method, s) * shape.per_block + (shape.per_block == 1 ? kTeamExchange : 0)) * int64_t(sizeof(double));
+}
+
 // resident_teams: how many teams the device holds at once (more would only queue).
 inline TeamPlan team_plan(int method, int64_t batch, const Structure& s, int64_t shared_per_block,
                           int64_t resident_teams) {
   TeamPlan p{};
   p.slots = team_slots(method, s);
-  const int64_t per_team = p.slots * int64_t(sizeof(double));
-  p.shared = per_team * kTeamsPerBlock <= shared_per_block;
-  const int64_t round = kTeamsPerBlock;
-  int64_t teams = std::min((std::max<int64_t>(batch, 1) + round - 1) / round, std::max<int64_t>(resident_teams / round, 1));
-  if (!p.shared) teams = std::min(teams, std::max<int64_t>(1, kGridWorkspaceBudget / (per_team * round)));
-  p.teams = teams * round;
+  const int64_t per_team = p.slots * int64_t(sizeof(double)), round = team_shape(method).per_block;
+  p.shared = team_block_bytes(method, s) <= shared_per_block;
+  int64_t blocks = std::min((std::max<int64_t>(batch, 1) + round - 1) / round, std::max<int64_t>(resident_teams / round, 1));
+  if (!p.shared) blocks = std::min(blocks, std::max<int64_t>(1, kGridWorkspaceBudget / (per_team * round)));
+  p.teams = blocks * round;
   p.workspace_bytes = p.shared ? 0 : p.teams * per_team;
   return p;
 }

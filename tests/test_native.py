@@ -134,9 +134,14 @@ def test_a_forced_instruction_set_runs_in_a_fresh_process():
 
 
 # ---------------------------------------------------------------------------------------- the CUDA grid on the CPU
+# the methods the CUDA launcher runs by teams (a warp or a block a sample), and a thread a sample
+TEAM_METHODS = [name for name in methods.NAMES if methods.get(name).code in module.team_shapes]
+THREAD_METHODS = [name for name in methods.NAMES if name not in TEAM_METHODS]
+
+
 @pytest.mark.parametrize("case_name", list(CASES))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("method", methods.NAMES)
+@pytest.mark.parametrize("method", THREAD_METHODS)
 def test_cuda_grid_on_cpu_matches_the_cpu_backend(method, dtype, case_name):
     """The GPU's per-thread path (one lane per thread, scratch interleaved across threads, a
     grid-stride loop) on the CPU: the same answer for any grid, including grids with fewer threads
@@ -159,49 +164,61 @@ def test_cuda_grid_on_cpu_reads_strided_inputs_and_reports_errors():
     problem = case(3)
     tensors = problem.tensors(torch.float32)
     views = [x.t().contiguous().t() for x in tensors]
-    expected = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce", outputs=tensors), grid_threads=4)
-    got = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce", outputs=views), grid_threads=4)
+    expected = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "mf-p", outputs=tensors), grid_threads=4)
+    got = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "mf-p", outputs=views), grid_threads=4)
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
     views[2][5, 1] = float("nan")
     views[0][9] = -views[0][9]
-    errors = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce", outputs=views), grid_threads=4)[-1]
+    errors = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "mf-p", outputs=views), grid_threads=4)[-1]
     expected_errors = torch.full((problem.num_teachers, len(CHECKS)), -1, dtype=torch.int64)
     expected_errors[2, CHECKS.index("not finite")] = 5
     expected_errors[0, CHECKS.index("negative")] = 9
     assert torch.equal(errors, expected_errors)
 
 
-TEAM_METHODS = [name for name in methods.NAMES if methods.get(name).code in module.team_methods]
 TEAM_CASES = {  # beyond CASES: probabilities at a temperature; more classes and teachers than lanes
     "probs at a temperature": dict(seed=3, temperature=0.7, uncovered=2),
     "wide": dict(seed=4, classes=90, teachers=40, coverage=0.2, batch=6, weights=True),
 }
 
 
-def test_the_team_methods_are_the_closed_forms():
-    assert TEAM_METHODS == ["sd", "mf-lf"]
+def test_the_team_methods_and_their_shapes():
+    assert TEAM_METHODS == ["sd", "ce", "mf-lf"]
+    shapes = {name: tuple(module.team_shapes[methods.get(name).code]) for name in TEAM_METHODS}
+    assert shapes == {"sd": (32, 4), "ce": (128, 1), "mf-lf": (32, 4)}  # a warp a sample; a block of 4 warps
 
 
 @pytest.mark.parametrize("case_name", [*CASES, *TEAM_CASES])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("method", TEAM_METHODS)
 def test_cuda_teams_on_cpu_match_the_cpu_backend_for_any_width(method, dtype, case_name):
-    """The GPU's team code (a warp per sample: strided lanes, reductions, syncs) with teams of any
-    width, 1 to a warp's 32 (more lanes than columns included), and any number of teams: the CPU
+    """The GPU's team code (strided lanes, reductions, syncs) with teams of any width, 1 to a warp's
+    32 (more lanes than columns, groups or teachers included), and any number of teams: the CPU
     backend's answers to rounding; for one width, bit for bit the same whatever the grid."""
     problem = case(**{**CASES, **TEAM_CASES}[case_name])
     args = arguments(problem, method, dtype)
     expected = native_launch.launch_cpu(*args)
     for lanes in (1, 3, 32):
         first = None
-        for teams in (1, 4, 5):
+        for teams in (1, 4, 5) if lanes < 32 else (1, 5):  # (32 emulated lanes: a second a launch for ce)
             got = native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=teams, lanes=lanes)
             assert_rounding_close(method, dtype, got, expected, f"{teams} teams of {lanes} lanes")
             if first is None:
                 first = got
             else:
                 assert torch.equal(got[0], first[0]), f"{teams} teams of {lanes} lanes"
+
+
+def test_cuda_ce_team_of_a_whole_block_matches_the_cpu_backend():
+    """ce's team on the GPU is a block of 128 threads (four warps): its reductions cross warps."""
+    args = arguments(case(batch=4, **CASES["probs"]), "ce")
+    expected = native_launch.launch_cpu(*args)
+    got = native_launch.launch_cuda_grid_on_cpu(*args)  # the GPU's own shape: one block of 128 lanes
+    assert_rounding_close("ce", torch.float64, got, expected, "a block of 128 lanes")
+    for name in ("residual", "step", "abs_residual"):
+        at = native_launch.OUTPUTS.index(name)
+        torch.testing.assert_close(got[at], expected[at], rtol=1e-6, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("method", TEAM_METHODS)
@@ -223,7 +240,7 @@ def test_cuda_teams_on_cpu_read_strided_inputs_and_report_errors_as_the_cpu_back
 
 
 def test_team_plan_puts_scratch_on_chip_when_it_fits():
-    per_block = module.teams_per_block
+    per_block = module.team_shapes[methods.get("sd").code][1]
     sizes = native_launch.header(case(4, classes=40, teachers=9).teachers().layout().structure)
     sd, mf_lf = methods.get("sd").code, methods.get("mf-lf").code
     shape = [sizes[k] for k in STRUCTURE_HEADER]
@@ -235,8 +252,10 @@ def test_team_plan_puts_scratch_on_chip_when_it_fits():
     # scratch that does not fit a block's shared memory goes to a workspace, within the budget
     teams, slots, shared, nbytes = module.team_plan(sd, 10**9, 8, 20000, 30000, 20000, 30000, 0, 227 << 10, 132 * 64)
     assert not shared and nbytes == teams * slots * 8 <= 256 << 20 and teams % per_block == 0
+    # ce: a block a sample
+    assert module.team_plan(methods.get("ce").code, 10, *shape, 227 << 10, 132 * 16)[0] == 10
     with pytest.raises(ValueError, match=r"does not run by teams"):
-        module.team_plan(methods.get("ce").code, 10, *shape, 227 << 10, 132 * 64)
+        module.team_plan(methods.get("mf-p").code, 10, *shape, 227 << 10, 132 * 64)
 
 
 def test_grid_plan_caps_workspace_and_threads():
@@ -294,10 +313,10 @@ def test_argument_errors_name_the_argument():
             launch(**changes)
     with pytest.raises(ValueError, match=r"teams must be >= 1"):  # mf-lf runs by teams
         native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=0)
-    with pytest.raises(ValueError, match=r"lanes must be in \[1, 64\]"):
-        native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=4, lanes=65)
+    with pytest.raises(ValueError, match=r"lanes must be in \[1, 1024\]"):
+        native_launch.launch_cuda_grid_on_cpu(*args, grid_threads=4, lanes=1025)
     with pytest.raises(ValueError, match=r"grid_threads must be >= 1"):
-        native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce"), grid_threads=0)
+        native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "mf-p"), grid_threads=0)
     with pytest.raises(ValueError, match=r"structure is on cpu, the teachers on meta"):
         launch(tensors=[x.to("meta") for x in tensors])
     # nothing was wrong with the arguments themselves

@@ -55,6 +55,27 @@ struct CeScratch {
         sol(a.template take<S>(s.N)) {}
 };
 
+// An upper bound on F(t + step) - F(t) from the step's slope and curvature, with no logarithms.
+// F's Hessian is sum_g N_g Cov_{pi_g}; along the step the weights pi_ig change by at most the
+// factor e^{s range} (range = max step - min step), so the curvature does too, and
+//   F(t + step) - F(t) <= slope + quad (e^x - 1 - x) / x^2,  x = range, quad = step' H step.
+// quad is formed as a difference of sums up to `spread` (sum_g N_g E[step^2]); `rounding` times
+// spread is the margin for their rounding. Where the bound passes Armijo, so does the exact change:
+// the line search accepts the full step without the per-group logarithms (most steps after the first).
+template <class D>
+UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D& range, double rounding) {
+  const D x = range;
+  const D series = 0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 700))));  // x < 1e-2: above the tail
+  const D safe = vmax(x, splat<D>(1e-2));
+  const D closed = (vexpm1(safe) - safe) / (safe * safe);
+  const D phi = select(x < 1e-2, series, closed);
+  return slope + (vmax(quad, splat<D>(0.0)) + rounding * spread) * phi * (1.0 + 1e-9);
+}
+
+// The margin full_step_bound needs for quad = spread - sum_g N_g m_g^2: both sums' rounding is
+// within (G + N) ulps of spread.
+UHC_HD double quad_rounding(const Structure& s) { return 1e-12 + 4.5e-16 * (s.G + s.N); }
+
 template <int W, class S, class Out, class Arena>
 struct CeSolver {
   using D = typename Lanes<W>::D;
@@ -266,29 +287,11 @@ struct CeSolver {
     for (int g = 0; g < st.G; ++g) worst = vmax(worst, D(sc.Mg[g]) * D(sc.inv[g]) * vabs(c - D(sc.mg[g])));
     predicted = worst * inv_z;
 
-    // quad = step' H step = sum_g N_g Var_{pi_g}(step) = spread - sum_g N_g m_g^2 (each part >= 0):
-    // both sums' rounding is within (G + N) ulps of spread
-    const double rounding = 1e-12 + 4.5e-16 * (st.G + st.N);
-    const D bound = full_step_bound(slope, spread - mean_square, spread, high - low, rounding);
+    // quad = step' H step = sum_g N_g Var_{pi_g}(step) = spread - sum_g N_g m_g^2 (each part >= 0)
+    const D bound = full_step_bound(slope, spread - mean_square, spread, high - low, quad_rounding(st));
     const M certified = bound <= kArmijo * slope;
     change_full = bound;
     if (any(active & lnot(certified))) change_full = select(certified, bound, change(num(1), slope));
-  }
-
-  // An upper bound on F(t + step) - F(t) from the step's slope and curvature, with no logarithms.
-  // F's Hessian is sum_g N_g Cov_{pi_g}; along the step the weights pi_ig change by at most the
-  // factor e^{s range} (range = max step - min step), so the curvature does too, and
-  //   F(t + step) - F(t) <= slope + quad (e^x - 1 - x) / x^2,  x = range, quad = step' H step.
-  // quad is formed as a difference of sums up to `spread` (sum_g N_g E[step^2]); `rounding` times
-  // spread is the margin for their rounding. Where the bound passes Armijo, so does the exact change:
-  // the line search accepts the full step without the per-group logarithms (most steps after the first).
-  static UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D& range, double rounding) {
-    const D x = range;
-    const D series = 0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 700))));  // x < 1e-2: above the tail
-    const D safe = vmax(x, num(1e-2));
-    const D closed = (vexpm1(safe) - safe) / (safe * safe);
-    const D phi = select(x < 1e-2, series, closed);
-    return slope + (vmax(quad, num(0)) + rounding * spread) * phi * (1.0 + 1e-9);
   }
 
   // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),

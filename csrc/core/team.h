@@ -1,5 +1,5 @@
-// Teams: the lanes of a GPU warp solving one sample together, so that a teacher's row is read by
-// consecutive lanes (coalesced) and the sample's state stays in one small block of on-chip memory.
+// Teams: the threads of a GPU warp or block solving one sample together, so that a teacher's row is
+// read by consecutive lanes (coalesced) and the sample's state stays in one block of on-chip memory.
 // The team code (team_solve.h) is written once against this interface:
 //
 //   int lane() const, size() const;   // this lane, and the team's width
@@ -8,8 +8,9 @@
 //   double max(double x) const;
 //   bool any(bool p) const;
 //
-// WarpTeam runs it on the GPU (cuda/kernels.cu); cpu/teams.cpp emulates it on the CPU with one
-// thread per lane and a barrier, so that CI runs the GPU's team code where no GPU is lent.
+// WarpTeam (a warp) and BlockTeam (a block) run it on the GPU (cuda/kernels.cu); cpu/teams.cpp
+// emulates it on the CPU with one thread per lane and a barrier, so that CI runs the GPU's team
+// code where no GPU is lent.
 #pragma once
 
 #include "input.h"
@@ -35,6 +36,32 @@ struct WarpTeam {
     return x;
   }
   __device__ bool any(bool p) const { return __any_sync(0xffffffffu, p) != 0; }
+};
+
+// A block's threads: each warp's butterfly, then the warps' values through `exchange` (shared
+// memory, one double a warp), added in warp order by every thread.
+struct BlockTeam {
+  double* exchange;
+  __device__ int lane() const { return static_cast<int>(threadIdx.x); }
+  __device__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ void sync() const { __syncthreads(); }
+  template <class F>
+  __device__ double reduce(double x, F f) const {
+    for (int m = 16; m > 0; m >>= 1) x = f(x, __shfl_xor_sync(0xffffffffu, x, m));
+    if (threadIdx.x % 32 == 0) exchange[threadIdx.x / 32] = x;
+    __syncthreads();
+    double out = exchange[0];
+    for (int k = 1; k < static_cast<int>(blockDim.x) / 32; ++k) out = f(out, exchange[k]);
+    __syncthreads();
+    return out;
+  }
+  __device__ double sum(double x) const {
+    return reduce(x, [](double a, double b) { return a + b; });
+  }
+  __device__ double max(double x) const {
+    return reduce(x, [](double a, double b) { return a < b ? b : a; });
+  }
+  __device__ bool any(bool p) const { return __syncthreads_or(p) != 0; }
 };
 #endif
 
@@ -129,6 +156,14 @@ struct TeamRow {
     return true;
   }
 };
+
+// sum over the lanes' items l = lane, lane + size, ... < n of f(l), over the team.
+template <class Team, class F>
+UHC_HD double team_sum_over(const Team& team, int n, F f) {
+  double part = 0;
+  for (int l = team.lane(); l < n; l += team.size()) part += f(l);
+  return team.sum(part);
+}
 
 // Teacher i's row b (n columns), unchecked.
 UHC_HD TeamRow team_row(const Inputs& in, int i, int64_t b, int n) {

@@ -1,26 +1,32 @@
-// The closed-form methods solved by a team per sample (team.h): `sd` and `mf-lf`, the two whose
-// floor is the memory traffic. The lanes read each teacher's row at consecutive columns and share
-// the sample's class sums in one scratch block of team_slots() doubles (the GPU's shared memory
-// where it fits). The answers are those of sd.h and mf_lf.h up to the order of additions.
+// The methods solved by a team per sample (team.h): `sd` and `mf-lf`, whose floor is the memory
+// traffic, and `ce` (team_ce.h). The lanes read each teacher's row at consecutive columns and share
+// the sample's state in one scratch block of team_slots() doubles (the GPU's shared memory where it
+// fits). The answers are those of sd.h, mf_lf.h and ce.h up to the order of additions.
 #pragma once
 
-#include "team.h"
+#include "team_ce.h"
 #include "tile.h"
 
 namespace UHC_NAMESPACE {
 
-// Whether method M runs by teams on the GPU (the others: one thread per sample, grid.h).
-UHC_HD constexpr bool team_method(int method) { return method == kSD || method == kMFLF; }
+// Whether a method runs by teams on the GPU (mf-p and mf-lu: one thread per sample, grid.h).
+UHC_HD constexpr bool team_method(int method) { return method == kSD || method == kMFLF || method == kCE; }
+
+// How a team method's teams sit on the GPU: `lanes` threads a team, `per_block` teams a block of
+// kTeamBlock threads. sd and mf-lf: a warp a sample. ce: a block a sample (its state, 63 KB at
+// K=1000, N=20, fits a block's shared memory once, not four times; four warps share its work).
+constexpr int kTeamBlock = 128;
+struct TeamShape {
+  int lanes, per_block;
+};
+UHC_HD constexpr TeamShape team_shape(int method) {
+  return method == kCE ? TeamShape{kTeamBlock, 1} : TeamShape{32, kTeamBlock / 32};
+}
 
 // Doubles of scratch one team needs for `method` (a team method).
-UHC_HD int64_t team_slots(int method, const Structure& s) { return method == kSD ? s.K : int64_t(s.K) + 2 * s.N; }
-
-// sum over the lanes' classes l = lane, lane + size, ... of f(l), over the team.
-template <class Team, class F>
-UHC_HD double team_sum_over(const Team& team, int n, F f) {
-  double part = 0;
-  for (int l = team.lane(); l < n; l += team.size()) part += f(l);
-  return team.sum(part);
+UHC_HD int64_t team_slots(int method, const Structure& s) {
+  if (method == kCE) return TeamCeScratch::slots(s);
+  return method == kSD ? s.K : int64_t(s.K) + 2 * s.N;
 }
 
 // `sd`: n_l = sum_{i covers l} w_i p_il, normalised. Within one teacher's row the classes are
@@ -111,6 +117,8 @@ UHC_HD void solve_sample_by_team(const Team& team, const Problem<Out>& prob, int
     team_sd(team, prob, b, scratch);
   else if constexpr (M == kMFLF)
     team_mf_lf(team, prob, b, scratch);
+  else if constexpr (M == kCE)
+    team_ce(team, prob, b, scratch);
 }
 
 }  // namespace UHC_NAMESPACE

@@ -1,6 +1,6 @@
 // The CUDA launcher's team grid (grid.h: team_plan; core/team_solve.h) emulated on the CPU, for
-// tests: `lanes` threads play one warp's lanes, meeting at a barrier wherever the warp would
-// synchronise or exchange values. They walk the grid's teams one after another (team t solving
+// tests: `lanes` threads play one team's lanes (a warp's, a block's), meeting at a barrier wherever
+// the team would synchronise or exchange values. They walk the grid's teams one after another (team t solving
 // samples t, t + teams, ... in its own scratch), so any grid runs on `lanes` threads.
 #include <pybind11/pybind11.h>
 
@@ -38,7 +38,7 @@ class Barrier {
   int64_t generation_ = 0;
 };
 
-// One lane of an emulated warp (the Team interface of core/team.h). Reductions go through `slots`
+// One lane of an emulated team (the Team interface of core/team.h). Reductions go through `slots`
 // (one per lane) between two barriers, and add in lane order: every lane gets the same value.
 struct EmulatedTeam {
   int lane_, size_;
@@ -65,7 +65,7 @@ void solve_teams(UHC_SOLVE_PARAMS, int64_t teams, int lanes) {
   const uhc::Args args = UHC_SOLVE_PARAMS_AS_ARGS;
   if (!uhc::team_method(method)) throw std::invalid_argument("solve_teams: method code " + std::to_string(method) + " does not run by teams");
   if (teams < 1) throw std::invalid_argument("teams must be >= 1");
-  if (lanes < 1 || lanes > 64) throw std::invalid_argument("lanes must be in [1, 64]");
+  if (lanes < 1 || lanes > 1024) throw std::invalid_argument("lanes must be in [1, 1024]");
   uhc::dispatch_dtype(args, [&](const auto& prob) {
     const int64_t slots = uhc::team_slots(prob.method, prob.s);
     std::vector<double> scratch(static_cast<size_t>(teams * slots)), exchange(static_cast<size_t>(lanes));
@@ -98,18 +98,16 @@ py::tuple team_plan(int method, int64_t batch, int64_t N, int64_t K, int64_t nnz
 
 void register_teams(py::module_& m) {
   m.def("solve_teams", &solve_teams,
-        "solve() through the CUDA launcher's team grid (sd, mf-lf: one warp per sample), emulated on the CPU with "
-        "`lanes` threads as a warp's lanes (for tests).",
-        UHC_SOLVE_ARGS, py::arg("teams"), py::arg("lanes") = uhc::kTeamLanes, py::call_guard<py::gil_scoped_release>());
+        "solve() through the CUDA launcher's team grid (sd, mf-lf: one warp per sample; ce: one block), emulated on "
+        "the CPU with `lanes` threads as a team's lanes (for tests).",
+        UHC_SOLVE_ARGS, py::arg("teams"), py::arg("lanes"), py::call_guard<py::gil_scoped_release>());
   m.def("team_plan", &team_plan,
         "The CUDA launcher's team grid for a device with `shared_per_block` bytes of shared memory per block that "
         "holds `resident_teams` teams at once: (teams, scratch doubles per team, in shared memory, workspace bytes).",
         py::arg("method"), py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("nnz"), py::arg("G"), py::arg("E"),
         py::arg("P"), py::arg("shared_per_block"), py::arg("resident_teams"));
-  py::list codes;
+  py::dict shapes;  // the method codes the CUDA launcher runs by teams: (lanes a team, teams a block)
   for (int method : {uhc::kSD, uhc::kCE, uhc::kMFP, uhc::kMFLF, uhc::kMFLU})
-    if (uhc::team_method(method)) codes.append(method);
-  m.attr("team_methods") = codes;  // the method codes the CUDA launcher runs by teams
-  m.attr("team_lanes") = uhc::kTeamLanes;
-  m.attr("teams_per_block") = uhc::kTeamsPerBlock;
+    if (uhc::team_method(method)) shapes[py::int_(method)] = py::make_tuple(uhc::team_shape(method).lanes, uhc::team_shape(method).per_block);
+  m.attr("team_shapes") = shapes;
 }

@@ -1,5 +1,6 @@
-// The CUDA launcher. sd and mf-lf: one warp per sample (core/team_solve.h), its scratch in shared
-// memory, its rows read by consecutive lanes. ce, mf-p, mf-lu: one thread per sample (grid-stride),
+// The CUDA launcher. sd and mf-lf: one warp per sample, ce: one block per sample (core/team_solve.h),
+// the sample's state in shared memory, its rows read by consecutive lanes. mf-p, mf-lu: one thread
+// per sample (grid-stride),
 // each a one-lane tile of the same solvers as the CPU backend (csrc/core/). The grids (team_plan;
 // thread count, interleaved workspace, what each thread does) are csrc/grid.h, which the CPU
 // module can also run on the CPU.
@@ -27,19 +28,27 @@ __global__ void __launch_bounds__(kBlock, min_blocks(M)) solve_kernel(Problem<Ou
   if (tid < threads) solve_grid_thread<M>(prob, workspace, tid, threads);
 }
 
-// Warp `threadIdx.x / 32` of the block is team blockIdx.x * kTeamsPerBlock + that; its scratch is
-// its slice of the block's shared memory, or of the workspace where that is not null. At least 4
-// blocks per SM: without the bound ptxas caps the kernel at 64 registers and spills the four loads
-// each lane keeps in flight (TeamRow::for_each_stored).
+// Team `threadIdx.x / lanes` of the block is team blockIdx.x * per_block + that (team_shape); its
+// scratch is its slice of the block's shared memory (after a block team's exchange), or of the
+// workspace where that is not null. sd and mf-lf: at least 4 blocks per SM, without which ptxas
+// caps them at 64 registers and spills the four loads each lane keeps in flight
+// (TeamRow::for_each_stored).
 template <int M, class Out>
-__global__ void __launch_bounds__(kTeamsPerBlock * kTeamLanes, 4)
+__global__ void __launch_bounds__(kTeamBlock, M == kCE ? 1 : 4)
     team_kernel(Problem<Out> prob, double* workspace, int64_t slots, int64_t teams) {
   extern __shared__ double shared[];
-  const int warp = static_cast<int>(threadIdx.x) / kTeamLanes;
-  const int64_t team_id = int64_t(blockIdx.x) * kTeamsPerBlock + warp;
-  double* scratch = (workspace ? workspace + team_id * slots : shared + warp * slots);
-  const WarpTeam team{static_cast<int>(threadIdx.x) % kTeamLanes};
-  for (int64_t b = team_id; b < prob.batch; b += teams) solve_sample_by_team<M>(team, prob, b, scratch);
+  constexpr TeamShape shape = team_shape(M);
+  const int member = static_cast<int>(threadIdx.x) / shape.lanes;
+  const int64_t team_id = int64_t(blockIdx.x) * shape.per_block + member;
+  double* own = shared + (shape.per_block == 1 ? kTeamExchange : 0) + member * slots;
+  double* scratch = workspace ? workspace + team_id * slots : own;
+  auto solve = [&](const auto& team) {
+    for (int64_t b = team_id; b < prob.batch; b += teams) solve_sample_by_team<M>(team, prob, b, scratch);
+  };
+  if constexpr (shape.lanes == 32)
+    solve(WarpTeam{static_cast<int>(threadIdx.x) % 32});
+  else
+    solve(BlockTeam{shared});
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -52,10 +61,10 @@ TeamPlan device_team_plan(int method, int64_t batch, const Structure& s, int dev
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "multiprocessor count");
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory per block");
   check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device), "shared memory per SM");
-  const int64_t block_bytes = team_slots(method, s) * int64_t(sizeof(double)) * kTeamsPerBlock;
-  int64_t blocks_per_sm = 2048 / (kTeamsPerBlock * kTeamLanes);
+  const int64_t block_bytes = team_block_bytes(method, s);
+  int64_t blocks_per_sm = 2048 / kTeamBlock;
   if (block_bytes <= optin) blocks_per_sm = std::min<int64_t>(blocks_per_sm, std::max<int64_t>(1, per_sm / (block_bytes + 1024)));
-  return team_plan(method, batch, s, optin, int64_t(sms) * blocks_per_sm * kTeamsPerBlock);
+  return team_plan(method, batch, s, optin, int64_t(sms) * blocks_per_sm * team_shape(method).per_block);
 }
 
 }  // namespace
@@ -78,12 +87,13 @@ void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t works
       using Out = std::remove_pointer_t<decltype(prob.soft)>;
       if constexpr (team_method(M)) {  // `threads`: teams, as cuda_plan gave them
         const TeamPlan p = device_team_plan(M, args.batch, prob.s, device);
-        if (threads % kTeamsPerBlock != 0) throw std::invalid_argument("teams must be a multiple of 4");
-        const int64_t smem = p.shared ? p.slots * int64_t(sizeof(double)) * kTeamsPerBlock : 0;
+        constexpr int per_block = team_shape(M).per_block;
+        if (threads % per_block != 0) throw std::invalid_argument("teams must fill whole blocks");
+        const int64_t smem = p.shared ? team_block_bytes(M, prob.s) : (per_block == 1 ? kTeamExchange * 8 : 0);
         check_cuda(cudaFuncSetAttribute(team_kernel<M, Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                    "team_kernel shared memory");
-        const unsigned blocks = static_cast<unsigned>(threads / kTeamsPerBlock);
-        team_kernel<M, Out><<<blocks, kTeamsPerBlock * kTeamLanes, size_t(smem), s>>>(
+        const unsigned blocks = static_cast<unsigned>(threads / per_block);
+        team_kernel<M, Out><<<blocks, kTeamBlock, size_t(smem), s>>>(
             prob, p.shared ? nullptr : reinterpret_cast<double*>(workspace), p.slots, threads);
       } else {
         const unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);

@@ -29,11 +29,11 @@ py::tuple device_count() {
 }  // namespace
 
 PYBIND11_MODULE(_native_cuda, m) {
-  m.doc() = "uhc_fast CUDA backend: the core's solvers over raw device pointers (sd, mf-lf: a warp per sample; the others: a thread)";
+  m.doc() = "uhc_fast CUDA backend: the core's solvers over raw device pointers (sd, mf-lf: a warp per sample; ce: a block; mf-p, mf-lu: a thread)";
   m.def("solve", &solve, "Enqueue B solves on a stream (see uhc_fast/backends/native_launch.py).", UHC_SOLVE_ARGS,
         py::arg("device"), py::arg("stream"), py::arg("workspace"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("plan", &plan, "(threads, workspace bytes) for a call on a device (team methods: teams, one warp each).",
+  m.def("plan", &plan, "(threads, workspace bytes) for a call on a device (team methods: teams, a warp or a block each).",
         py::arg("method"), py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("nnz"), py::arg("G"), py::arg("E"),
         py::arg("P"), py::arg("device"));
   m.def("device_count", &device_count, "(devices visible to this module's CUDA runtime, error message or '').");

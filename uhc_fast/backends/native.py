@@ -94,7 +94,7 @@ def cuda_backend() -> Backend:
             f"{message or 'no devices'} (the driver may be older than CUDA {version})"
         )
     details = {
-        "kind": "compiled CUDA (pybind11): sd and mf-lf one warp per sample, ce, mf-p and mf-lu one thread per sample",
+        "kind": "compiled CUDA (pybind11): sd and mf-lf a warp per sample, ce a block, mf-p and mf-lu a thread",
         "built": True,
         "module": module.__file__,
         "cuda_runtime": version,

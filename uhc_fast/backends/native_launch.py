@@ -222,18 +222,21 @@ def launch_cuda_grid_on_cpu(
     """The CUDA launcher run on the CPU, on CPU tensors; returns the same as :func:`launch_cpu`.
     Tests use it to exercise the GPU's code paths where no GPU is lent.
 
-    ``sd`` and ``mf-lf`` run by teams (one warp per sample): ``grid_threads`` teams (by default one
-    block of them) of ``lanes`` threads (default a warp's 32) playing the lanes. The other methods
-    run :func:`launch_cuda`'s thread grid: ``grid_threads`` emulated GPU threads (by default the
+    ``sd``, ``mf-lf`` (a warp per sample) and ``ce`` (a block per sample) run by teams:
+    ``grid_threads`` teams (by default one block of them) of ``lanes`` threads (by default the
+    GPU's: 32, or 128 for ``ce``) playing the lanes. ``mf-p`` and ``mf-lu`` run
+    :func:`launch_cuda`'s thread grid: ``grid_threads`` emulated GPU threads (by default the
     launcher's own plan), interleaved scratch and grid-stride loop."""
     module = load_module("cpu")
     outs, keep, args = _prepare(
         "cpu", tensors, kinds, structure, weights, system, method, out_dtype, temperature, eps, tol, max_iter
     )
     if args is not None:
-        if args["method"] in module.team_methods:
-            teams = module.teams_per_block if grid_threads is None else grid_threads
-            module.solve_teams(**args, teams=teams, lanes=module.team_lanes if lanes is None else lanes)
+        shape = module.team_shapes.get(args["method"])
+        if shape is not None:
+            team_lanes, per_block = shape
+            teams = per_block if grid_threads is None else grid_threads  # (the GPU's: whole blocks)
+            module.solve_teams(**args, teams=teams, lanes=team_lanes if lanes is None else lanes)
         else:
             if grid_threads is None:
                 grid_threads, _ = module.grid_plan(args["method"], args["batch"], *(args[k] for k in STRUCTURE_HEADER))

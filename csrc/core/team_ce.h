@@ -1,0 +1,335 @@
+// `ce` solved by a team per sample (team.h): the algorithm of ce.h (read its header first) for one
+// sample, its loops over groups, teachers and teacher pairs spread over the lanes, the sums and
+// maxima over them team reductions, and every decision taken on values all lanes share. State in
+// double, in one scratch block (TeamCeScratch); the batch structure's by-teacher and by-pair
+// sections (tch_*, pair_*) are required.
+#pragma once
+
+#include "ce.h"
+#include "team.h"
+
+namespace UHC_NAMESPACE {
+
+// The scratch of one sample, carved from `slots(s)` doubles.
+struct TeamCeScratch {
+  double *n;                                       // class evidence (K), then q
+  double *Ng, *Mg, *Dg, *inv, *mg, *acc;           // per group
+  double *t, *r, *grad, *step, *mass, *shared, *evidence_shared, *ex, *wm, *rs;  // per teacher
+  double *links, *system, *ground, *rhs, *pivot, *sol;  // C (N x N), the grounded system (n x n), n-vectors
+
+  static UHC_HD int64_t slots(const Structure& s) {
+    return int64_t(s.K) + 6 * int64_t(s.G) + 10 * int64_t(s.N) + 2 * int64_t(s.N) * s.N + 4 * int64_t(s.N);
+  }
+  UHC_HD TeamCeScratch(double* p, const Structure& s) {
+    auto take = [&p](int64_t count) {
+      double* out = p;
+      p += count;
+      return out;
+    };
+    n = take(s.K);
+    Ng = take(s.G), Mg = take(s.G), Dg = take(s.G), inv = take(s.G), mg = take(s.G), acc = take(s.G);
+    t = take(s.N), r = take(s.N), grad = take(s.N), step = take(s.N), mass = take(s.N), shared = take(s.N);
+    evidence_shared = take(s.N), ex = take(s.N), wm = take(s.N), rs = take(s.N);
+    links = take(int64_t(s.N) * s.N), system = take(int64_t(s.N) * s.N);
+    ground = take(s.N), rhs = take(s.N), pivot = take(s.N), sol = take(s.N);
+  }
+};
+
+// grounded_laplacian_solve (linalg.h) by a team: each elimination step's row updates over the lanes.
+template <class Team>
+UHC_HD void team_grounded_laplacian_solve(const Team& team, double* L, double* g, double* b, double* pivot, double* x,
+                                          int n) {
+  for (int k = 0; k < n; ++k) {
+    double d = g[k];  // every lane forms the same pivot from the finished row k
+    for (int j = k + 1; j < n; ++j) d += L[k * n + j];
+    const double inv = d > 0 ? 1.0 / d : 0.0;
+    for (int i = k + 1 + team.lane(); i < n; i += team.size()) {
+      const double f = L[k * n + i] * inv;
+      for (int j = i + 1; j < n; ++j) L[i * n + j] += f * L[k * n + j];
+      g[i] += f * g[k];
+      b[i] += f * b[k];
+    }
+    if (team.lane() == 0) pivot[k] = inv;
+    team.sync();
+  }
+  if (team.lane() == 0)
+    for (int k = n - 1; k >= 0; --k) {
+      double acc = b[k];
+      for (int j = k + 1; j < n; ++j) acc += L[k * n + j] * x[j];
+      x[k] = acc * pivot[k];
+    }
+  team.sync();
+}
+
+template <class Team, class Out>
+struct TeamCe {
+  const Team& team;
+  const Problem<Out>& prob;
+  int64_t b;
+  const TeamCeScratch& sc;
+
+  UHC_HD const Structure& s() const { return prob.s; }
+  UHC_HD int lane() const { return team.lane(); }
+  UHC_HD int size() const { return team.size(); }
+
+  // sum over k in [lo, hi) of values[index[k]], over the team.
+  UHC_HD double gather_total(const double* values, const int32_t* index, int lo, int hi) const {
+    double part = 0;
+    for (int k = lo + lane(); k < hi; k += size()) part += values[index[k]];
+    return team.sum(part);
+  }
+
+  // n, each teacher's evidence on the classes it shares, N_g and M_g; whether every row passed.
+  UHC_HD bool read_evidence() const {
+    const Structure& st = s();
+    for (int l = lane(); l < st.K; l += size()) sc.n[l] = 0;
+    team.sync();
+    bool valid = true;
+    for (int i = 0; i < st.N; ++i) {
+      const int lo = st.offsets[i];
+      TeamRow row = team_row(prob.in, i, b, st.offsets[i + 1] - lo);
+      valid &= row.check(team);
+      const double wi = prob.weights[i];
+      double on_shared = 0;
+      row.for_each_value(team, [&](int j, double p) {
+        const int l = st.class_index[lo + j];
+        const double v = wi * p;
+        sc.n[l] += v;
+        const int g = st.class_group[l];
+        if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) on_shared += v;
+      });
+      const double total = team.sum(on_shared);
+      if (lane() == 0) sc.evidence_shared[i] = total;
+      team.sync();
+    }
+    for (int g = lane(); g < st.G; g += size()) {
+      double sum = 0, top = 0;
+      for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) {
+        const double nl = sc.n[st.grp_cls[c]];
+        sum += nl, top = vmax(top, nl);
+      }
+      sc.Ng[g] = sum, sc.Mg[g] = top;
+    }
+    team.sync();
+    return valid;
+  }
+
+  // ce.h's point(): D_g rescaled, 1 / D_g, each teacher's mass and its part on shared groups; Z.
+  UHC_HD double point(double rescale) const {
+    const Structure& st = s();
+    double part = 0;
+    for (int g = lane(); g < st.G; g += size()) {
+      const double d = sc.Dg[g] * rescale;
+      sc.Dg[g] = d;
+      const double inv = vrecip(vmax(d, 2.2250738585072014e-308));
+      sc.inv[g] = inv;
+      part += sc.Ng[g] * inv;
+    }
+    const double Z = team.sum(part);
+    team.sync();
+    for (int i = 0; i < st.N; ++i) {  // x_g = N_g / D_g, gathered by teacher
+      const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
+      double on_shared = 0, rest = 0;
+      for (int k = lo + lane(); k < hi; k += size()) {
+        const int g = st.tch_group[k];
+        (k < mid ? on_shared : rest) += sc.Ng[g] * sc.inv[g];
+      }
+      on_shared = team.sum(on_shared), rest = team.sum(rest);
+      if (lane() == 0) sc.shared[i] = on_shared, sc.mass[i] = on_shared + rest;
+    }
+    team.sync();
+    return Z;
+  }
+
+  // ce.h's newton_step(): the grounded Newton system over teacher pairs, solved; the capped step.
+  UHC_HD void newton_step() const {
+    const Structure& st = s();
+    const int N = st.N, n = N - 1;
+    for (int i = 0, p = 0; i < N; ++i)
+      for (int j = i + 1; j < N; ++j, ++p) {
+        if (p % size() != lane()) continue;
+        double c = 0;  // C_ij = sum over the groups holding i and j of N_g / D_g^2
+        for (int k = st.pair_ptr[p]; k < st.pair_ptr[p + 1]; ++k) {
+          const int g = st.pair_group[k];
+          c += sc.Ng[g] * sc.inv[g] * sc.inv[g];
+        }
+        sc.links[i * N + j] = c;
+      }
+    team.sync();
+    for (int i = lane(); i < n; i += size()) {
+      for (int j = i + 1; j < n; ++j) sc.system[i * n + j] = sc.r[i] * sc.r[j] * sc.links[i * N + j];
+      sc.ground[i] = sc.r[i] * sc.r[n] * sc.links[i * N + n];
+      sc.rhs[i] = -sc.grad[i];
+    }
+    team.sync();
+    team_grounded_laplacian_solve(team, sc.system, sc.ground, sc.rhs, sc.pivot, sc.sol, n);
+    double longest = 0;
+    for (int i = lane(); i < n; i += size()) longest = vmax(longest, vabs(sc.sol[i]));
+    longest = team.max(longest);
+    const double cap = kMaxLogStep / vmax(longest, kMaxLogStep);
+    for (int i = lane(); i < N; i += size()) sc.step[i] = i < n ? sc.sol[i] * cap : 0.0;
+    team.sync();
+  }
+
+  // F(t + a step) - F(t) term by term (ce.h's change()); the trial's sums in sc.acc.
+  UHC_HD double change(double a, double slope) const {
+    const Structure& st = s();
+    for (int i = lane(); i < st.N; i += size()) sc.ex[i] = sc.r[i] * vexpm1(a * sc.step[i]);
+    team.sync();
+    double part = 0;
+    for (int g = lane(); g < st.G; g += size()) {
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      if (lo == hi) continue;
+      double trial = 0;
+      for (int k = lo; k < hi; ++k) trial += sc.ex[st.grp_teacher[k]];
+      sc.acc[g] = trial;
+      part += sc.Ng[g] * (vlog1p(trial * sc.inv[g]) - a * sc.mg[g]);
+    }
+    const double total = a * slope + team.sum(part);
+    team.sync();
+    return total;
+  }
+
+  // ce.h's measure(): the KKT residuals, the step's predicted change of the soft labels, and the
+  // full step's change (its curvature bound, or where that cannot decide for an active sample, the
+  // exact change).
+  UHC_HD void measure(double Z, double slope, bool active, double& relative, double& absolute, double& predicted,
+                      double& change_full) const {
+    const Structure& st = s();
+    const double* w = prob.weights;
+    double low = 0, high = 0, spread = 0;
+    for (int i = lane(); i < st.N; i += size()) {
+      const double ri = sc.r[i], di = sc.step[i], mi = sc.mass[i];
+      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+      spread += ri * di * di * mi;
+      low = vmin(low, di), high = vmax(high, di);
+    }
+    spread = team.sum(spread), low = -team.max(-low), high = team.max(high);
+    team.sync();
+    double rel = 0, abs_part = 0, c = 0, mean_square = 0;
+    for (int g = lane(); g < st.G; g += size()) {
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      if (lo == hi) continue;
+      double kkt = 0, m = 0, trial = 0;
+      for (int k = lo; k < hi; ++k) {
+        const int i = st.grp_teacher[k];
+        kkt += sc.wm[i], m += sc.rs[i], trial += sc.ex[i];
+      }
+      const double inv = sc.inv[g], Ng = sc.Ng[g];
+      m = m * inv;
+      sc.mg[g] = m, sc.acc[g] = trial;
+      c += Ng * inv * m;
+      mean_square += Ng * m * m;
+      const double gap = vabs(kkt * inv - 1.0);
+      if (Ng > 0) rel = vmax(rel, gap), abs_part = vmax(abs_part, sc.Mg[g] * gap);
+    }
+    relative = team.max(rel), absolute = team.max(abs_part);
+    const double inv_z = 1.0 / Z;
+    c = team.sum(c) * inv_z, mean_square = team.sum(mean_square);
+    team.sync();
+    double worst = 0;
+    for (int g = lane(); g < st.G; g += size()) worst = vmax(worst, sc.Mg[g] * sc.inv[g] * vabs(c - sc.mg[g]));
+    predicted = team.max(worst) * inv_z;
+    const double bound = full_step_bound(slope, spread - mean_square, spread, high - low, quad_rounding(st));
+    change_full = bound;
+    if (active && !(bound <= kArmijo * slope)) change_full = change(1.0, slope);
+  }
+
+  // ce.h's solve() for this sample; q ends in sc.n, written out with the diagnostics.
+  UHC_HD void solve() const {
+    const Structure& st = s();
+    const double* w = prob.weights;
+    bool active = read_evidence();
+    const double total_n = team_sum_over(team, st.G, [&](int g) { return sc.Ng[g]; });
+    for (int i = 0; i < st.N; ++i) {  // start at sd: t_i = log w_i - log S_i(n / sum n)
+      const double mass = gather_total(sc.Ng, st.tch_group, st.tch_ptr[i], st.tch_ptr[i + 1]);
+      if (lane() == 0) sc.t[i] = vlog(w[i]) - vlog(mass / total_n);
+    }
+    team.sync();
+    double total_w = 0, top = sc.t[0];
+    for (int i = 0; i < st.N; ++i) total_w += w[i], top = vmax(top, sc.t[i]);
+    for (int i = lane(); i < st.N; i += size()) sc.r[i] = vexp(sc.t[i] - top);
+    team.sync();
+    for (int g = lane(); g < st.G; g += size()) {
+      double d = 0;
+      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) d += sc.r[st.grp_teacher[k]];
+      sc.Dg[g] = d;
+    }
+    team.sync();
+
+    double iterations = 0, residual = 0, predicted_step = 0, abs_residual = 0, rescale = 1;
+    bool converged = false;
+    for (int iteration = 0;; ++iteration) {
+      const double Z = point(rescale);
+      for (int i = lane(); i < st.N; i += size()) sc.grad[i] = sc.r[i] * sc.shared[i] - sc.evidence_shared[i];
+      team.sync();
+      newton_step();
+      double slope = 0;
+      for (int i = lane(); i < st.N; i += size()) slope += sc.grad[i] * sc.step[i];
+      slope = team.sum(slope);
+      double relative, absolute, pred, change_full;
+      measure(Z, slope, active, relative, absolute, pred, change_full);
+      if (active) residual = relative, abs_residual = absolute / total_w, predicted_step = pred;
+      const bool done = active && relative <= prob.tol && pred <= prob.tol;
+      converged = converged || done;
+      bool searching = active && !done && slope < 0;
+      if (iteration >= prob.max_iter) searching = false;
+      // backtracking from the full step (its trial measured above); a converged sample may take
+      // only that full (tiny) step
+      const bool trying = searching || done;
+      bool accepted = trying && change_full <= kArmijo * slope && isfinite_lanes(change_full);
+      double taken = accepted ? 1.0 : 0.0;
+      if (trying && !accepted && !done) {
+        double a = 1;
+        for (int h = 1; h < kMaxHalvings; ++h) {
+          a *= 0.5;
+          const double df = change(a, slope);
+          if (df <= kArmijo * a * slope && isfinite_lanes(df)) {
+            accepted = true, taken = a;
+            break;
+          }
+        }
+      }
+      // the accepted trial's D_g (sc.acc holds its sums); t and r move along, r rescaled to max 1
+      if (accepted)
+        for (int g = lane(); g < st.G; g += size()) sc.Dg[g] += sc.acc[g];
+      double largest = 0;
+      for (int i = lane(); i < st.N; i += size()) {
+        const double move = taken * sc.step[i];
+        sc.t[i] += move, sc.r[i] *= vexp(move);
+        largest = vmax(largest, sc.r[i]);
+      }
+      rescale = 1.0 / team.max(largest);
+      for (int i = lane(); i < st.N; i += size()) sc.r[i] *= rescale;
+      team.sync();
+      if (accepted && !done) iterations += 1;
+      active = searching && accepted;
+      if (!active) break;
+    }
+    // q_l = n_l / (D_g Z) at the final point
+    const double inv_z = 1.0 / point(rescale);
+    for (int g = lane(); g < st.G; g += size()) {
+      const double scale = st.grp_ptr[g + 1] > st.grp_ptr[g] ? sc.inv[g] * inv_z : 0.0;
+      for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) sc.n[st.grp_cls[c]] *= scale;
+    }
+    team.sync();
+    Out* out = prob.soft + b * st.K;
+    for (int l = lane(); l < st.K; l += size()) out[l] = static_cast<Out>(sc.n[l]);
+    if (lane() == 0) {
+      prob.iterations[b] = static_cast<int32_t>(iterations);
+      prob.converged[b] = converged;
+      prob.residual[b] = static_cast<Out>(residual);
+      prob.step[b] = static_cast<Out>(predicted_step);
+      prob.abs_residual[b] = static_cast<Out>(abs_residual);
+    }
+    team.sync();  // the team's next sample reuses the scratch
+  }
+};
+
+template <class Team, class Out>
+UHC_HD void team_ce(const Team& team, const Problem<Out>& prob, int64_t b, double* scratch) {
+  const TeamCeScratch sc(scratch, prob.s);
+  TeamCe<Team, Out>{team, prob, b, sc}.solve();
+}
+
+}  // namespace UHC_NAMESPACE
