@@ -92,7 +92,9 @@ def assert_agree(method, got, ref, step_for_step):
         if step_for_step:
             assert torch.equal(iterations, ref.iterations.cpu())
             assert torch.equal(converged, ref.converged.cpu())
-            torch.testing.assert_close(residual, ref.residual.cpu(), atol=1e-13, rtol=1e-5)
+            # a relative residual under ~1e-12 (a few thousand ulps of its float64 sums) is rounding:
+            # there the two agree only as far as their summation orders (and the machine's BLAS) do
+            torch.testing.assert_close(residual, ref.residual.cpu(), atol=1e-12, rtol=1e-5)
         else:
             assert int((iterations - ref.iterations.cpu()).abs().max()) <= 2
 
