@@ -265,7 +265,6 @@ struct CeSolver {
     D c = num(0), mean_square = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      if (lo == hi) continue;
       D kkt = num(0), m = num(0), trial = num(0);
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
@@ -302,7 +301,6 @@ struct CeSolver {
     D total = a * slope;
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      if (lo == hi) continue;
       D trial = num(0);
       for (int k = lo; k < hi; ++k) trial += D(sc.ex[st.grp_teacher[k]]);
       sc.acc[g] = trial;

@@ -82,23 +82,33 @@ struct RowStats {
 };
 
 #if UHC_VECTORS
-typedef double Doubles8 __attribute__((vector_size(64)));
+// A row is read in chunks of one vector register of doubles of the instruction set this file is
+// compiled for (wider chunks are split by the compiler, and their selects done one lane at a time:
+// AVX2 read rows no faster than SSE2 with chunks of 8).
+#if defined(__AVX512F__)
+constexpr int kRowLanes = 8;
+#elif defined(__AVX__)
+constexpr int kRowLanes = 4;
+#else
+constexpr int kRowLanes = 2;
+#endif
+typedef double RowDoubles __attribute__((vector_size(8 * kRowLanes)));
 
-// The 8 stored values row[j * stride], row[(j + 1) * stride], ... widened to doubles: one vector
-// load and conversion where they are contiguous float32 / float64, else one at a time (16-bit floats:
-// one instruction each with F16C).
+// The kRowLanes stored values row[j * stride], row[(j + 1) * stride], ... widened to doubles: one
+// vector load and conversion where they are contiguous float32 / float64, else one at a time
+// (16-bit floats: one instruction each with F16C).
 template <class In, class Widen>
-inline Doubles8 widen8(const In* row, int j, int64_t stride, Widen widen_one) {
-  Doubles8 y;
+inline RowDoubles widen_chunk(const In* row, int j, int64_t stride, Widen widen_one) {
+  RowDoubles y;
   if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
     if (stride == 1) {
-      typedef In V __attribute__((vector_size(8 * sizeof(In))));
+      typedef In V __attribute__((vector_size(kRowLanes * sizeof(In))));
       V x;
       memcpy(&x, row + j, sizeof(V));
-      return __builtin_convertvector(x, Doubles8);
+      return __builtin_convertvector(x, RowDoubles);
     }
   }
-  for (int k = 0; k < 8; ++k) y[k] = widen_one(row[(j + k) * stride]);
+  for (int k = 0; k < kRowLanes; ++k) y[k] = widen_one(row[(j + k) * stride]);
   return y;
 }
 #endif
@@ -111,17 +121,17 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one,
   RowStats st;
   int j = 0;
 #if UHC_VECTORS
-  if (stride == 1) {  // contiguous: 8 at a time in vector registers (x - x is NaN exactly for NaN and +-Inf)
-    Doubles8 sum{}, spread{}, low{};
-    for (; j + 8 <= n; j += 8) {
+  if (stride == 1) {  // contiguous: a vector at a time (x - x is NaN exactly for NaN and +-Inf)
+    RowDoubles sum{}, spread{}, low{};
+    for (; j + kRowLanes <= n; j += kRowLanes) {
       __builtin_prefetch(row + j + 512);  // the first read of the row, from memory: ask well ahead
-      const Doubles8 y = widen8(row, j, 1, widen_one);
+      const RowDoubles y = widen_chunk(row, j, 1, widen_one);
       if constexpr (copying)
-        for (int k = 0; k < 8; ++k) copy[j + k] = y[k];
+        for (int k = 0; k < kRowLanes; ++k) copy[j + k] = y[k];
       sum += y, spread += y - y;
       low = low < y ? low : y;
     }
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < kRowLanes; ++k) {
       st.sum += sum[k];
       st.finite &= spread[k] == 0;
       st.negative |= low[k] < 0;
@@ -139,29 +149,29 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one,
 }
 
 // Row b of teacher t as What it is (stats, then its values: `convert(x)` of each widened value into out).
-// `convert` takes a double or (on the CPU) 8 lanes of them, so that its log / exp run as vector code.
+// `convert` takes a double or (on the CPU) a RowDoubles of them, so that its log / exp run as vector code.
 template <class In, class Widen, class Convert, class Out>
 UHC_HD void convert_row(const In* row, int n, int64_t stride, Widen widen_one, Convert convert, Out out) {
   int j = 0;
 #if UHC_VECTORS
-  for (; j + 8 <= n; j += 8) {
-    const Doubles8 y = convert(widen8(row, j, stride, widen_one));
-    for (int k = 0; k < 8; ++k) out[j + k] = y[k];
+  for (; j + kRowLanes <= n; j += kRowLanes) {
+    const RowDoubles y = convert(widen_chunk(row, j, stride, widen_one));
+    for (int k = 0; k < kRowLanes; ++k) out[j + k] = y[k];
   }
 #endif
   for (; j < n; ++j) out[j] = convert(widen_one(row[j * stride]));
 }
 
-// out[j] = f(out[j]) for j < n, 8 lanes at a time on the CPU (f as in convert_row).
+// out[j] = f(out[j]) for j < n, a vector at a time on the CPU (f as in convert_row).
 template <class Out, class F>
 UHC_HD void map_row(Out out, int n, F f) {
   int j = 0;
 #if UHC_VECTORS
-  for (; j + 8 <= n; j += 8) {
-    Doubles8 x;
-    for (int k = 0; k < 8; ++k) x[k] = out[j + k];
-    const Doubles8 y = f(x);
-    for (int k = 0; k < 8; ++k) out[j + k] = y[k];
+  for (; j + kRowLanes <= n; j += kRowLanes) {
+    RowDoubles x;
+    for (int k = 0; k < kRowLanes; ++k) x[k] = out[j + k];
+    const RowDoubles y = f(x);
+    for (int k = 0; k < kRowLanes; ++k) out[j + k] = y[k];
   }
 #endif
   for (; j < n; ++j) out[j] = f(static_cast<double>(out[j]));

@@ -179,7 +179,6 @@ struct TeamCe {
     double part = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      if (lo == hi) continue;
       double trial = 0;
       for (int k = lo; k < hi; ++k) trial += sc.ex[st.grp_teacher[k]];
       sc.acc[g] = trial;
@@ -209,7 +208,6 @@ struct TeamCe {
     double rel = 0, abs_part = 0, c = 0, mean_square = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      if (lo == hi) continue;
       double kkt = 0, m = 0, trial = 0;
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];

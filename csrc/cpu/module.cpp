@@ -3,6 +3,7 @@
 // (UHC_FAST_CPU_ISA overrides it); `isa` and `lanes` say which runs.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -94,7 +95,7 @@ void solve_grid(UHC_SOLVE_PARAMS, int64_t grid_threads, int threads) {
   threads = threads < 1 ? 1 : threads;
   uhc::dispatch_dtype(args, [&](const auto& prob) {
     const int64_t slots = uhc::tile_slots(prob.method, prob.s);
-    std::vector<double> workspace(static_cast<size_t>(grid_threads * slots));
+    std::vector<double> workspace(static_cast<size_t>(grid_threads * slots), NAN);  // NaN: as cpu/tiles.cpp
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
 #endif

@@ -4,6 +4,7 @@
 // samples t, t + teams, ... in its own scratch), so any grid runs on `lanes` threads.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -68,7 +69,9 @@ void solve_teams(UHC_SOLVE_PARAMS, int64_t teams, int lanes) {
   if (lanes < 1 || lanes > 1024) throw std::invalid_argument("lanes must be in [1, 1024]");
   uhc::dispatch_dtype(args, [&](const auto& prob) {
     const int64_t slots = uhc::team_slots(prob.method, prob.s);
-    std::vector<double> scratch(static_cast<size_t>(teams * slots)), exchange(static_cast<size_t>(lanes));
+    // the scratch starts as NaN, as the CPU backend's does (cpu/tiles.cpp): the GPU's shared memory
+    // starts as whatever was there
+    std::vector<double> scratch(static_cast<size_t>(teams * slots), NAN), exchange(static_cast<size_t>(lanes));
     Barrier barrier(lanes);
     std::vector<std::thread> threads;
     for (int lane = 0; lane < lanes; ++lane) {

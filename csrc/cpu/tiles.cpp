@@ -4,6 +4,7 @@
 // run time.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -30,6 +31,9 @@ void run(const Problem<Out>& prob, int threads) {
   {
     std::unique_ptr<char[]> buffer(new char[bytes + 64]);
     char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.get()) + 63) & ~uintptr_t(63));
+    // the scratch starts as NaN (all bits set): a solver reading a slot it never wrote shows in its
+    // answers, every time, rather than by the allocator's chance
+    std::memset(base, 0xff, static_cast<size_t>(bytes));
     // iteration counts differ between tiles: hand them out one at a time
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)

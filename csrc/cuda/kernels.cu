@@ -1,9 +1,8 @@
 // The CUDA launcher. sd and mf-lf: one warp per sample, ce: one block per sample (core/team_solve.h),
 // the sample's state in shared memory, its rows read by consecutive lanes. mf-p, mf-lu: one thread
-// per sample (grid-stride),
-// each a one-lane tile of the same solvers as the CPU backend (csrc/core/). The grids (team_plan;
-// thread count, interleaved workspace, what each thread does) are csrc/grid.h, which the CPU
-// module can also run on the CPU.
+// per sample (grid-stride), each a one-lane tile of the same solvers as the CPU backend
+// (csrc/core/). The grids (team_plan; thread count, interleaved workspace, what each thread does)
+// are csrc/grid.h, which the CPU module can also run on the CPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -89,7 +88,7 @@ void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t works
         const TeamPlan p = device_team_plan(M, args.batch, prob.s, device);
         constexpr int per_block = team_shape(M).per_block;
         if (threads % per_block != 0) throw std::invalid_argument("teams must fill whole blocks");
-        const int64_t smem = p.shared ? team_block_bytes(M, prob.s) : (per_block == 1 ? kTeamExchange * 8 : 0);
+        const int64_t smem = p.shared ? team_block_bytes(M, prob.s) : (per_block == 1 ? kTeamExchange * int64_t(sizeof(double)) : 0);
         check_cuda(cudaFuncSetAttribute(team_kernel<M, Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                    "team_kernel shared memory");
         const unsigned blocks = static_cast<unsigned>(threads / per_block);
