@@ -52,7 +52,7 @@ UHC_HD void team_sd(const Team& team, const Problem<Out>& prob, int64_t b, doubl
 
 // `mf-lf` (mf_lf.h): u_l = zbar_l - sum_{i covers l} w_i c_i / W_l with c = S b, where
 // b_i = sum_{j in L_i} (z_ij - zbar_j) is formed as (sum_j z_ij) - (sum_{l in L_i} zbar_l), so that
-// each row is read once (no packed copy of the logits).
+// no packed copy of the logits is kept and no row is read again once zbar is known.
 template <class Team, class Out>
 UHC_HD void team_mf_lf(const Team& team, const Problem<Out>& prob, int64_t b, double* scratch) {
   const Structure& s = prob.s;
