@@ -1,5 +1,5 @@
 """What only the compiled backends have: instruction-set variants, the CUDA launcher's grids run on
-the CPU (its thread grid, and its warp-per-sample teams with threads as lanes), the launch's
+the CPU (its thread grid, and its teams of a warp or a block a sample with threads as lanes), the launch's
 argument checks, native validation, threads and what ``info()`` says.
 
 The answers' agreement with the torch reference, the dtypes, strides and validation errors every

@@ -13,7 +13,7 @@
 // code where no GPU is lent.
 #pragma once
 
-#include "input.h"
+#include "tile.h"
 
 namespace UHC_NAMESPACE {
 
@@ -170,6 +170,37 @@ UHC_HD TeamRow team_row(const Inputs& in, int i, int64_t b, int n) {
   TeamRow row;
   row.t = in.teachers + i, row.in = &in, row.b = b, row.n = n;
   return row;
+}
+
+// n_l = sum_{i covers l} w_i v_il over sample b's rows as the method reads them, the lanes over each
+// row's columns (a row's classes are distinct; a sync separates the teachers). With `per_teacher`,
+// per_teacher[i] = the team's sum over row i of extra(i, l, v_il). Returns whether every row
+// passed its checks.
+template <class Team, class Out, class Extra>
+UHC_HD bool team_class_sums(const Team& team, const Problem<Out>& prob, int64_t b, double* n, double* per_teacher,
+                            Extra extra) {
+  const Structure& s = prob.s;
+  for (int l = team.lane(); l < s.K; l += team.size()) n[l] = 0;
+  team.sync();
+  bool valid = true;
+  for (int i = 0; i < s.N; ++i) {
+    const int lo = s.offsets[i];
+    TeamRow row = team_row(prob.in, i, b, s.offsets[i + 1] - lo);
+    valid &= row.check(team);
+    const double wi = prob.weights[i];
+    double part = 0;
+    row.for_each_value(team, [&](int j, double v) {
+      const int l = s.class_index[lo + j];
+      n[l] += wi * v;
+      if (per_teacher) part += extra(i, l, v);
+    });
+    if (per_teacher) {
+      const double total = team.sum(part);
+      if (team.lane() == 0) per_teacher[i] = total;
+    }
+    team.sync();
+  }
+  return valid;
 }
 
 }  // namespace UHC_NAMESPACE

@@ -72,36 +72,13 @@ struct TeamCe {
   UHC_HD int lane() const { return team.lane(); }
   UHC_HD int size() const { return team.size(); }
 
-  // sum over k in [lo, hi) of values[index[k]], over the team.
-  UHC_HD double gather_total(const double* values, const int32_t* index, int lo, int hi) const {
-    double part = 0;
-    for (int k = lo + lane(); k < hi; k += size()) part += values[index[k]];
-    return team.sum(part);
-  }
-
   // n, each teacher's evidence on the classes it shares, N_g and M_g; whether every row passed.
   UHC_HD bool read_evidence() const {
     const Structure& st = s();
-    for (int l = lane(); l < st.K; l += size()) sc.n[l] = 0;
-    team.sync();
-    bool valid = true;
-    for (int i = 0; i < st.N; ++i) {
-      const int lo = st.offsets[i];
-      TeamRow row = team_row(prob.in, i, b, st.offsets[i + 1] - lo);
-      valid &= row.check(team);
-      const double wi = prob.weights[i];
-      double on_shared = 0;
-      row.for_each_value(team, [&](int j, double p) {
-        const int l = st.class_index[lo + j];
-        const double v = wi * p;
-        sc.n[l] += v;
-        const int g = st.class_group[l];
-        if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) on_shared += v;
-      });
-      const double total = team.sum(on_shared);
-      if (lane() == 0) sc.evidence_shared[i] = total;
-      team.sync();
-    }
+    const bool valid = team_class_sums(team, prob, b, sc.n, sc.evidence_shared, [&](int i, int l, double p) {
+      const int g = st.class_group[l];
+      return st.grp_ptr[g + 1] - st.grp_ptr[g] > 1 ? prob.weights[i] * p : 0.0;
+    });
     for (int g = lane(); g < st.G; g += size()) {
       double sum = 0, top = 0;
       for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) {
@@ -127,14 +104,11 @@ struct TeamCe {
     }
     const double Z = team.sum(part);
     team.sync();
-    for (int i = 0; i < st.N; ++i) {  // x_g = N_g / D_g, gathered by teacher
+    auto x = [&](int k) { return sc.Ng[st.tch_group[k]] * sc.inv[st.tch_group[k]]; };  // x_g = N_g / D_g
+    for (int i = 0; i < st.N; ++i) {  // by teacher: first the groups it shares, then the rest
       const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-      double on_shared = 0, rest = 0;
-      for (int k = lo + lane(); k < hi; k += size()) {
-        const int g = st.tch_group[k];
-        (k < mid ? on_shared : rest) += sc.Ng[g] * sc.inv[g];
-      }
-      on_shared = team.sum(on_shared), rest = team.sum(rest);
+      const double on_shared = team_sum_over(team, mid - lo, [&](int k) { return x(lo + k); });
+      const double rest = team_sum_over(team, hi - mid, [&](int k) { return x(mid + k); });
       if (lane() == 0) sc.shared[i] = on_shared, sc.mass[i] = on_shared + rest;
     }
     team.sync();
@@ -240,7 +214,8 @@ struct TeamCe {
     bool active = read_evidence();
     const double total_n = team_sum_over(team, st.G, [&](int g) { return sc.Ng[g]; });
     for (int i = 0; i < st.N; ++i) {  // start at sd: t_i = log w_i - log S_i(n / sum n)
-      const double mass = gather_total(sc.Ng, st.tch_group, st.tch_ptr[i], st.tch_ptr[i + 1]);
+      const int lo = st.tch_ptr[i];
+      const double mass = team_sum_over(team, st.tch_ptr[i + 1] - lo, [&](int k) { return sc.Ng[st.tch_group[lo + k]]; });
       if (lane() == 0) sc.t[i] = vlog(w[i]) - vlog(mass / total_n);
     }
     team.sync();

@@ -5,7 +5,6 @@
 #pragma once
 
 #include "team_ce.h"
-#include "tile.h"
 
 namespace UHC_NAMESPACE {
 
@@ -29,21 +28,11 @@ UHC_HD int64_t team_slots(int method, const Structure& s) {
   return method == kSD ? s.K : int64_t(s.K) + 2 * s.N;
 }
 
-// `sd`: n_l = sum_{i covers l} w_i p_il, normalised. Within one teacher's row the classes are
-// distinct, so the lanes add into n without conflicts; a sync separates the teachers.
+// `sd`: n_l = sum_{i covers l} w_i p_il, normalised.
 template <class Team, class Out>
 UHC_HD void team_sd(const Team& team, const Problem<Out>& prob, int64_t b, double* n) {
   const Structure& s = prob.s;
-  for (int l = team.lane(); l < s.K; l += team.size()) n[l] = 0;
-  team.sync();
-  for (int i = 0; i < s.N; ++i) {
-    const int lo = s.offsets[i], len = s.offsets[i + 1] - lo;
-    TeamRow row = team_row(prob.in, i, b, len);
-    row.check(team);
-    const double wi = prob.weights[i];
-    row.for_each_value(team, [&](int j, double p) { n[s.class_index[lo + j]] += wi * p; });
-    team.sync();
-  }
+  team_class_sums(team, prob, b, n, nullptr, [](int, int, double) { return 0.0; });
   const double inv = 1.0 / team_sum_over(team, s.K, [n](int l) { return n[l]; });
   Out* out = prob.soft + b * s.K;
   for (int l = team.lane(); l < s.K; l += team.size()) out[l] = static_cast<Out>(n[l] * inv);
@@ -60,18 +49,7 @@ UHC_HD void team_mf_lf(const Team& team, const Problem<Out>& prob, int64_t b, do
   double* u = scratch;           // (K): the weighted sums of logits, then zbar, then u
   double* bias = scratch + s.K;  // (N): b
   double* c = bias + s.N;        // (N): c = S b
-  for (int l = team.lane(); l < s.K; l += team.size()) u[l] = 0;
-  team.sync();
-  for (int i = 0; i < s.N; ++i) {
-    const int lo = s.offsets[i], len = s.offsets[i + 1] - lo;
-    TeamRow row = team_row(prob.in, i, b, len);
-    row.check(team);
-    double part = 0;
-    row.for_each_value(team, [&](int j, double z) { u[s.class_index[lo + j]] += w[i] * z, part += z; });
-    const double total = team.sum(part);
-    if (team.lane() == 0) bias[i] = total;
-    team.sync();
-  }
+  team_class_sums(team, prob, b, u, bias, [](int, int, double z) { return z; });  // bias_i = sum_j z_ij for now
   // zbar_l: the weighted mean of the teachers' logits of class l
   for (int l = team.lane(); l < s.K; l += team.size()) {
     double total = 0;

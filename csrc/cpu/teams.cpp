@@ -1,7 +1,7 @@
 // The CUDA launcher's team grid (grid.h: team_plan; core/team_solve.h) emulated on the CPU, for
 // tests: `lanes` threads play one team's lanes (a warp's, a block's), meeting at a barrier wherever
-// the team would synchronise or exchange values. They walk the grid's teams one after another (team t solving
-// samples t, t + teams, ... in its own scratch), so any grid runs on `lanes` threads.
+// the team would synchronise or exchange values. They walk the grid's teams one after another
+// (team t solving samples t, t + teams, ... in its own scratch), so any grid runs on `lanes` threads.
 #include <pybind11/pybind11.h>
 
 #include <cmath>
