@@ -17,22 +17,27 @@ shapes that share a variant share its statistics. The per-sample top-k kernel (`
 is compiled at its own shapes (:data:`TOPK_SHAPES`). Exit status 1 when anything failed to compile or
 anything spills at K=1000, N=20.
 
-**On a GPU** (fresh H100/H200, torch and triton installed, no package registry):
+**On a GPU** (fresh H100/H200, torch and triton installed, no package registry), in the order that
+keeps the most valuable results when a lease runs out (every step writes into ``--out`` as it ends):
 
 1. build: ``pip install --no-build-isolation --no-deps -e .`` with ``UHC_FAST_CUDA=1`` and
    ``UHC_FAST_CUDA_ARCHS=90`` (``--skip-build`` to keep the current build);
-2. warm-up: every Triton kernel variant the next steps launch is JIT-compiled in parallel processes
-   (into Triton's on-disk cache; ``--skip-warm-up``), since ptxas takes up to a minute for some;
-3. ``pytest -m gpu`` (``--skip-tests``);
-4. every method on both GPU backends (``cuda``, ``triton``) at the production shapes with B = 65536
-   samples (so that the persistent / grid-stride loops run many rounds), against the ``cpu``
-   backend on a subset of the rows, with assertions: closed forms (sd, mf-lf) within 256 float32
-   ulps; iterative methods within 1e-4 (ce) / 1e-3 (mf-p, mf-lu, non-convex) on the rows both
-   report converged, and at least 90% of rows converged;
-5. throughput of each backend on the full batch, and of the torch reference on the same GPU (timed
-   on a subset of rows, scaled linearly), as samples/s, as a fraction of the HBM roofline, and
-   against the model below;
-6. ``benchmarks/results/gpu-<device>.csv`` and ``.md``.
+2. the gate shape (K=1000, N=20, float16): every method on both GPU backends (``--backends``), the
+   streaming methods (sd, ce, mf-lf) at B = 2^20 as the targets are stated, mf-p and mf-lu at
+   B = 65536, against the ``cpu`` backend on a subset of the rows, with assertions: closed forms
+   (sd, mf-lf) within 256 float32 ulps; iterative methods within 1e-4 (ce) / 1e-3 (mf-p, mf-lu,
+   non-convex) on the rows both report converged, and at least 90% of rows converged;
+3. ``pytest -m gpu`` (``--skip-tests``): in parallel processes where pytest-xdist is installed
+   (the Triton JIT compiles then overlap), one line per test into ``gpu-tests.log``, so that a run
+   stopped at its time limit still says which tests passed and failed;
+4. ``ncu`` (``--skip-profile``): each kernel at the gate shape once, its speed of light, occupancy,
+   warp stalls and hottest source lines (the CUDA module carries ``-lineinfo``), into
+   ``ncu-<device>.txt``;
+5. the other production shapes at B = 65536 (so that the persistent / grid-stride loops run many
+   rounds);
+6. throughput of each backend on the full batch, and of the torch reference on the same GPU (timed
+   on ``--reference-rows`` rows, scaled linearly), as samples/s, as a fraction of the HBM roofline,
+   and against the model below, in ``gpu-<device>.csv`` and ``.md``.
 
 Exit status 1 when a build step, a test or an assertion failed.
 
@@ -415,71 +420,54 @@ def build(timeout: float) -> dict:
     return {"step": "build", "ok": code == 0, "seconds": round(seconds, 1), "detail": "" if code == 0 else tail}
 
 
-def _warm_task(job: tuple) -> str:
-    """(worker) Launch one Triton kernel variant on a tiny problem, so that its JIT compilation lands
-    in Triton's on-disk cache; returns "" or the error."""
-    num_teachers, dtype_name, method = job
-    try:
-        import torch
-
-        import uhc_fast
-
-        dtype = getattr(torch, dtype_name)
-        sets = [[i, i + 1, i + 2] for i in range(num_teachers)]  # a chain sharing two classes a link
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        outputs = [torch.softmax(torch.randn(4, 3, device="cuda", generator=gen), 1).to(dtype) for _ in sets]
-        if method == "loss":
-            logits = torch.randn(4, num_teachers + 2, device="cuda", dtype=dtype, requires_grad=True)
-            uhc_fast.UHCLoss(sets, backend="triton")(logits, outputs).backward()
-        else:
-            uhc_fast.estimate(outputs, sets, method, backend="triton")
-        torch.cuda.synchronize()
-        return ""
-    except Exception as err:  # reported; the real run fails loudly later
-        return f"{job}: {type(err).__name__}: {err}"[:300]
+_TEST_LINE = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_TEST_ID = re.compile(r"(tests/\S+::\S+)")
 
 
-def warm_up(workers: int, timeout: float, quick: bool) -> dict:
-    """Compile every Triton variant the tests and checks launch (teacher tiles 2..64, every input
-    dtype, every method and the loss), in parallel processes: the compiles (ptxas takes up to a
-    minute for mf-lu) would otherwise run one after another inside the tests."""
-    import warnings
-
-    teachers = (2, 3, 5, 9, 17, 33, 64) if not quick else (3, 5, 20)
-    dtypes = ("float16", "bfloat16", "float32", "float64") if not quick else ("float16", "float32", "float64")
-    jobs = [(n, d, m) for n in teachers for d in dtypes for m in (*METHODS, "loss")]
-    start = time.perf_counter()
-    errors = []
-    warnings.filterwarnings("ignore")
-    with futures.ProcessPoolExecutor(max(1, workers), mp_context=_spawn()) as pool:
-        pending = [pool.submit(_warm_task, job) for job in jobs]
-        done, late = futures.wait(pending, timeout=timeout)
-        errors = [f.result() for f in done if f.result()]
-        for f in late:
-            f.cancel()
-    detail = f"{len(jobs)} variants, {len(late)} unfinished after {timeout:.0f} s" + (
-        "; " + "; ".join(errors[:5]) if errors else ""
-    )
-    return {
-        "step": "warm-up (Triton JIT)",
-        "ok": True,
-        "seconds": round(time.perf_counter() - start, 1),
-        "detail": detail,
-    }
+def parse_test_log(text: str) -> dict[str, str]:
+    """Test id -> outcome from ``pytest -v`` lines, with or without pytest-xdist's worker prefix."""
+    outcomes: dict[str, str] = {}
+    for line in text.splitlines():
+        test, outcome = _TEST_ID.search(line), _TEST_LINE.search(line)
+        if test and outcome:
+            outcomes[test.group(1)] = outcome.group(1)
+    return outcomes
 
 
-def gpu_tests(timeout: float) -> dict:
-    """``pytest -m gpu`` in a subprocess."""
+def gpu_tests(timeout: float, out: Path) -> dict:
+    """``pytest -m gpu`` in a subprocess (``-n`` workers with pytest-xdist, a per-test time limit
+    with pytest-timeout), one line per test into ``out/gpu-tests.log`` as it goes."""
+    import importlib.util
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code, tail, seconds = run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], timeout, env
-    )
-    counts = re.findall(r"(\d+) (passed|failed|skipped|error|errors)", tail)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--tb=short", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist"):
+        cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+    if importlib.util.find_spec("pytest_timeout"):
+        cmd += ["--timeout", "150"]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "gpu-tests.log"
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    outcomes = parse_test_log(log.read_text(errors="replace"))
+    counts = {k: sum(v == k for v in outcomes.values()) for k in sorted(set(outcomes.values()))}
+    failed = sorted(t for t, v in outcomes.items() if v in ("FAILED", "ERROR"))
+    detail = ", ".join(f"{n} {k.lower()}" for k, n in counts.items())
+    if code == 124:
+        detail += f"; stopped after {timeout:.0f} s"
+    if failed:
+        detail += "; failed: " + " ".join(failed[:30])
     return {
         "step": "pytest -m gpu",
-        "ok": code in (0, 5),  # 5: nothing collected
-        "seconds": round(seconds, 1),
-        "detail": ", ".join(f"{n} {what}" for n, what in counts) + ("" if code in (0, 5) else "\n" + tail),
+        "ok": code in (0, 5) and not failed,  # 5: nothing collected
+        "seconds": round(time.perf_counter() - start, 1),
+        "detail": detail + f" (log: {log.name})",
     }
 
 
@@ -576,8 +564,11 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     import torch
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    start = time.perf_counter()
     result = fn()
     sync()
+    if time.perf_counter() - start > 5:  # a slow kernel: one timed call is enough
+        repeats = min(repeats, 1)
     best = float("inf")
     for _ in range(repeats):
         sync()
@@ -684,10 +675,15 @@ def check_shape(
     return rows
 
 
+def _stem(device: str) -> str:
+    """A device name as a file name's part: "NVIDIA H200" -> "nvidia_h200"."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
+
+
 def write_results(rows: list[dict], steps: list[dict], device: str, out: Path) -> tuple[Path, Path]:
     """``gpu-<device>.csv`` (one row per shape, method and backend) and ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
+    stem = "gpu-" + _stem(device)
     fields = sorted(
         {key for row in rows for key in row}, key=lambda k: (k not in _ORDER, _ORDER.index(k) if k in _ORDER else 0, k)
     )
@@ -722,37 +718,124 @@ def write_results(rows: list[dict], steps: list[dict], device: str, out: Path) -
 _ORDER = ["device", "shape", "method", "backend", "ran_on", "batch", "ok", "seconds", "samples_per_s", "GBps"]
 
 
+STREAMING = ("sd", "ce", "mf-lf")  # the methods whose targets are stated at B = 2^20
+# the kernels ncu profiles: the CUDA module's and the Triton solvers (not torch's own small kernels)
+PROFILED_KERNELS = "regex:team_kernel|solve_kernel|_(sd|ce|mf_p|mf_lf|mf_lu)_kernel"
+NCU_SECTIONS = (
+    "SpeedOfLight",
+    "Occupancy",
+    "LaunchStats",
+    "MemoryWorkloadAnalysis",
+    "WarpStateStats",
+    "SourceCounters",
+)
+
+
+def profile_target(methods, backends) -> None:
+    """(``--profile-target``, run under ncu) Each method and backend at the gate shape: one call to
+    compile, then one between cudaProfilerStart and Stop, the one ncu records."""
+    import torch
+
+    import uhc_fast
+
+    shape = next(s for s in SHAPES if s.label == GATE)
+    for method in methods:
+        kind = "logits" if method in ("mf-lf", "mf-lu") else "probs"
+        batch = 65536 if method in STREAMING else 8192
+        sets, outputs = make_inputs(shape, batch, kind)
+        teachers = uhc_fast.TeacherSet(sets, num_classes=shape.classes)
+        for backend in backends:
+            uhc_fast.estimate(outputs, teachers, method, inputs=kind, backend=backend)
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()  # ncu runs with --profile-from-start off
+            uhc_fast.estimate(outputs, teachers, method, inputs=kind, backend=backend)
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            print(f"profiled {method} on {backend}", flush=True)
+
+
+def profile(methods, backends, timeout: float, out: Path, device: str) -> dict:
+    """ncu over :func:`profile_target`: one report per kernel into ``out/ncu-<device>.txt``."""
+    ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
+    if ncu is None:
+        return {"step": "ncu", "ok": False, "detail": "ncu not found"}
+    report = out / f"ncu-{_stem(device)}.txt"
+    cmd = [str(ncu), "--clock-control", "none", "--profile-from-start", "off", "-k", PROFILED_KERNELS]
+    for section in NCU_SECTIONS:
+        cmd += ["--section", section]
+    cmd += [sys.executable, "-m", "benchmarks.gpu", "--profile-target", "--methods", ",".join(methods)]
+    cmd += ["--backends", ",".join(backends)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start = time.perf_counter()
+    with open(report, "w") as f:
+        try:
+            code = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    kernels = report.read_text(errors="replace").count("Section: GPU Speed Of Light Throughput")
+    return {
+        "step": "ncu",
+        "ok": code == 0,
+        "seconds": round(time.perf_counter() - start, 1),
+        "detail": f"{kernels} kernels profiled" + (f"; exit {code}" if code else "") + f" (report: {report.name})",
+    }
+
+
 def gpu_main(args) -> int:
     """The full GPU check (see the module docstring)."""
+    out = Path(args.out)
     steps = []
     if not args.skip_build:
         steps.append(build(args.build_timeout))
         print(f"build: {'ok' if steps[-1]['ok'] else 'FAILED'} ({steps[-1]['seconds']} s)", flush=True)
         if not steps[-1]["ok"]:
             print(steps[-1]["detail"])
-    if not args.skip_warm_up:
-        steps.append(warm_up(args.workers, args.warm_up_timeout, args.quick))
-        print(f"warm-up: {steps[-1]['seconds']} s, {steps[-1]['detail']}", flush=True)
-    if not args.skip_tests:
-        steps.append(gpu_tests(args.test_timeout))
-        verdict = "ok" if steps[-1]["ok"] else "FAILED"
-        print(f"pytest -m gpu: {verdict} ({steps[-1]['seconds']} s) {steps[-1]['detail'][:2000]}", flush=True)
     import torch
 
     device = torch.cuda.get_device_name()
     shapes = select_shapes(args.shapes) if args.shapes else (SHAPES[:1] if args.quick else SHAPES)
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    batch = args.batch or (16384 if args.quick else 65536)
-    rows = []
+    backends = tuple(args.backends.split(","))
+    default_batch = args.batch or (16384 if args.quick else 65536)
+    gate, others = [], []  # (shape, methods, batch): the gate shape's first
     for shape in shapes:
-        start = time.perf_counter()
-        try:
-            rows += check_shape(shape, methods, batch, args.check_rows, args.reference_rows, 1 if args.quick else 3)
-            steps.append({"step": f"check {shape.name}", "ok": True, "seconds": round(time.perf_counter() - start, 1)})
-        except Exception as err:
-            steps.append({"step": f"check {shape.name}", "ok": False, "detail": f"{type(err).__name__}: {err}"})
-            print(f"check {shape.name}: FAILED {err}", flush=True)
-    csv_path, md_path = write_results(rows, steps, device, Path(args.out))
+        big = [m for m in methods if m in STREAMING] if shape.label == GATE and not (args.batch or args.quick) else []
+        plan = gate if shape.label == GATE else others
+        if big:
+            plan.append((shape, big, 1 << 20))
+        if [m for m in methods if m not in big]:
+            plan.append((shape, [m for m in methods if m not in big], default_batch))
+    rows = []
+
+    def check(plan) -> None:
+        for shape, which, batch in plan:
+            start = time.perf_counter()
+            step = f"check {shape.name} (B={batch})"
+            try:
+                repeats = 1 if args.quick else 3
+                rows.extend(
+                    check_shape(shape, which, batch, args.check_rows, args.reference_rows, repeats, backends=backends)
+                )
+                steps.append({"step": step, "ok": True, "seconds": round(time.perf_counter() - start, 1)})
+            except Exception as err:
+                steps.append({"step": step, "ok": False, "detail": f"{type(err).__name__}: {err}"})
+                print(f"{step}: FAILED {err}", flush=True)
+            write_results(rows, steps, device, out)  # a run stopped at its time limit keeps what it measured
+
+    check(gate)
+    if not args.skip_tests:
+        steps.append(gpu_tests(args.test_timeout, out))
+        verdict = "ok" if steps[-1]["ok"] else "FAILED"
+        print(f"pytest -m gpu: {verdict} ({steps[-1]['seconds']} s) {steps[-1]['detail'][:2000]}", flush=True)
+        write_results(rows, steps, device, out)
+    if not args.skip_profile:
+        steps.append(profile(methods, backends, args.profile_timeout, out, device))
+        print(f"ncu: {steps[-1]['detail']} ({steps[-1].get('seconds')} s)", flush=True)
+        write_results(rows, steps, device, out)
+    check(others)
+    csv_path, md_path = write_results(rows, steps, device, out)
     print(f"wrote {csv_path} and {md_path}")
     failed = [s["step"] for s in steps if not s["ok"]] + [
         f"{r['shape']} {r['method']} {r['backend']}" for r in rows if not r.get("ok")
@@ -769,18 +852,25 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one shape, B = 16384, one timed call")
     parser.add_argument("--shapes", help="';'-separated shape names or labels (see SHAPES), or N=<n>:<dtype>")
     parser.add_argument("--methods", help="comma-separated methods (--aot: also 'loss' and 'topk')")
+    parser.add_argument("--backends", default="cuda,triton", help="comma-separated GPU backends to check and time")
     parser.add_argument("--no-cuda", action="store_true", help="--aot: skip the CUDA extension")
     parser.add_argument("--cuda-from-module", action="store_true", help="--aot: cuobjdump the built module, not nvcc")
     parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)))
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--skip-warm-up", action="store_true", help="do not precompile the Triton kernels")
-    parser.add_argument("--warm-up-timeout", type=float, default=150)
+    parser.add_argument("--skip-profile", action="store_true", help="do not run ncu")
+    parser.add_argument("--profile-timeout", type=float, default=120)
+    parser.add_argument("--profile-target", action="store_true", help=argparse.SUPPRESS)  # what ncu runs
     parser.add_argument("--build-timeout", type=float, default=240)
-    parser.add_argument("--test-timeout", type=float, default=180)
-    parser.add_argument("--batch", type=int, default=0, help="samples per GPU call (default 65536, quick 16384)")
+    parser.add_argument("--test-timeout", type=float, default=150)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="samples per GPU call (default 2^20 for sd, ce and mf-lf at the gate shape, else 65536; quick 16384)",
+    )
     parser.add_argument("--check-rows", type=int, default=2048, help="rows compared with the cpu backend")
-    parser.add_argument("--reference-rows", type=int, default=4096, help="rows the torch reference is timed on")
+    parser.add_argument("--reference-rows", type=int, default=16384, help="rows the torch reference is timed on")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.aot:
@@ -789,6 +879,9 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         print(NO_GPU)
+        return 0
+    if args.profile_target:
+        profile_target(tuple(args.methods.split(",")) if args.methods else METHODS, tuple(args.backends.split(",")))
         return 0
     return gpu_main(args)
 

@@ -114,6 +114,50 @@ ptxas info    : Used 40 registers, used 1 barriers
     assert stats["_Z6kernelIdEvPT_"]["registers"] == 40 and stats["_Z6kernelIdEvPT_"]["spill_stores"] == 0
 
 
+def test_test_log_parsing():
+    log = """[gw1] [ 10%] PASSED tests/test_backends.py::test_matches_reference[sd-cuda-cuda]
+[gw0] [ 20%] FAILED tests/test_native.py::test_cuda_launch_matches_its_grid_on_the_cpu[ce-torch.float16]
+tests/test_oracles.py::test_gpu_matches_oracle[cuda-sd-float32] SKIPPED (needs a CUDA device)   [ 30%]
+tests/test_backends.py::test_empty_batch[triton-ce] ERROR   [ 40%]
+FAILED tests/test_native.py::test_cuda_launch_matches_its_grid_on_the_cpu[ce-torch.float16] - TypeError
+"""
+    assert gpu.parse_test_log(log) == {
+        "tests/test_backends.py::test_matches_reference[sd-cuda-cuda]": "PASSED",
+        "tests/test_native.py::test_cuda_launch_matches_its_grid_on_the_cpu[ce-torch.float16]": "FAILED",
+        "tests/test_oracles.py::test_gpu_matches_oracle[cuda-sd-float32]": "SKIPPED",
+        "tests/test_backends.py::test_empty_batch[triton-ce]": "ERROR",
+    }
+
+
+def test_the_gpu_run_measures_the_gate_shape_first(monkeypatch, tmp_path):
+    """The order that keeps the most when a lease ends early: the gate shape (its streaming methods
+    at B = 2^20), the tests, the profile, then the other shapes; results written after each."""
+    calls = []
+
+    def check_shape(shape, methods, batch, *args, **kwargs):
+        calls.append(("check", shape.label, tuple(methods), batch))
+        return [{"shape": shape.name, "method": m, "backend": "cuda", "ok": True} for m in methods]
+
+    def step(name):
+        return lambda *args: calls.append((name,)) or {"step": name, "ok": True, "seconds": 0.0, "detail": ""}
+
+    monkeypatch.setattr(gpu, "check_shape", check_shape)
+    monkeypatch.setattr(gpu, "gpu_tests", step("tests"))
+    monkeypatch.setattr(gpu, "profile", step("profile"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200")
+    parser_args = ["--skip-build", "--out", str(tmp_path), "--shapes", "K=20000,N=8 float16;K=1000,N=20 float16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu.main(parser_args) == 0
+    assert calls == [
+        ("check", "K=1000,N=20", ("sd", "ce", "mf-lf"), 1 << 20),
+        ("check", "K=1000,N=20", ("mf-p", "mf-lu"), 65536),
+        ("tests",),
+        ("profile",),
+        ("check", "K=20000,N=8", gpu.METHODS, 65536),
+    ]
+    assert (tmp_path / "gpu-nvidia_h200.md").exists()
+
+
 def test_shapes_and_the_model():
     assert [s.label for s in gpu.select_shapes(None)] == ["K=1000,N=20", "K=1000,N=20", "K=20000,N=8", "K=1000,N=64"]
     assert gpu.select_shapes("K=20000,N=8")[0].classes == 20000
@@ -208,6 +252,8 @@ def test_cuda_extension_statistics_from_nvcc():
 @pytest.mark.gpu
 def test_quick_gpu_run(tmp_path):
     assert torch.cuda.is_available()
-    code = gpu.main(["--quick", "--skip-build", "--skip-tests", "--methods", "sd,ce", "--out", str(tmp_path)])
+    code = gpu.main(
+        ["--quick", "--skip-build", "--skip-tests", "--skip-profile", "--methods", "sd,ce", "--out", str(tmp_path)]
+    )
     assert code == 0
     assert list(tmp_path.glob("gpu-*.csv")) and list(tmp_path.glob("gpu-*.md"))

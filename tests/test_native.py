@@ -448,7 +448,7 @@ def test_cuda_launch_matches_its_grid_on_the_cpu(method, dtype):
     """On a GPU: the device launch computes what its grid computes on the CPU (the same one-lane code)."""
     if not native_launch.built("cuda"):
         pytest.skip("the CUDA extension is not built")
-    problem = case(10, **CASES["probs"])
+    problem = case(**{**CASES["probs"], "batch": 10})
     args = arguments(problem, method, dtype)
     expected = native_launch.launch_cuda_grid_on_cpu(*args)
     cuda_args = ([x.cuda() for x in args[0]], args[1], *(t.cuda() for t in args[2:5]), *args[5:])

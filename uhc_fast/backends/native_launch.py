@@ -144,7 +144,8 @@ def _prepare(
     if batch == 0:
         return outs, (), None
     table = teacher_table(tensors, kinds, sizes["N"], device)
-    tolerance = torch.tensor([SUM_TOLERANCE[dtype] for dtype in DTYPE_CODES], dtype=torch.float64).to(device)
+    # host memory on every device: make_problem (csrc/bindings.h) copies it into the launch's arguments
+    tolerance = torch.tensor([SUM_TOLERANCE[dtype] for dtype in DTYPE_CODES], dtype=torch.float64)
     args = dict(
         method=spec.code,
         out_dtype=DTYPE_CODES[out_dtype],
@@ -200,7 +201,8 @@ def launch_cuda(tensors, kinds, structure, weights, system, method, out_dtype, t
                 threads=threads,
             )
             for t in (workspace, *keep):
-                t.record_stream(stream)
+                if t.device == device:  # (the sum tolerances stay in host memory)
+                    t.record_stream(stream)
     return outs
 
 
