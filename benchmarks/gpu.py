@@ -1,6 +1,7 @@
 """The GPU check: build, test, verify and measure both GPU backends in one command.
 
     python -m benchmarks.gpu              # on a GPU machine: everything below, within ~8 minutes
+    python -m benchmarks.gpu --out $OUT   # on a lent machine: the results into the folder that returns
     python -m benchmarks.gpu --quick      # the same, smaller (one shape, fewer timings)
     python -m benchmarks.gpu --aot --json # anywhere: compile every kernel for sm_90, ptxas statistics
 
@@ -37,7 +38,8 @@ keeps the most valuable results when a lease runs out (every step writes into ``
    rounds);
 6. throughput of each backend on the full batch, and of the torch reference on the same GPU (timed
    on ``--reference-rows`` rows, scaled linearly), as samples/s, as a fraction of the HBM roofline,
-   and against the model below, in ``gpu-<device>.csv`` and ``.md``.
+   of the copy rate (the same bytes read and written by torch's own kernels in the same run) and of
+   the model below, in ``gpu-<device>.csv`` and ``.md``.
 
 Exit status 1 when a build step, a test or an assertion failed.
 
@@ -579,6 +581,16 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def copy_time(outputs, classes: int, repeats: int) -> float:
+    """Seconds torch's own kernels take to move the bytes the model counts: each input read once
+    (a sum), the answers written once (a fill); the copy rate of the same run."""
+    import torch
+
+    answers = torch.empty(outputs[0].shape[0], classes, dtype=torch.float32, device=outputs[0].device)
+    seconds, _ = timed(lambda: (torch.stack([x.sum() for x in outputs]), answers.fill_(0)), repeats)
+    return seconds
+
+
 def check_shape(
     shape: Shape,
     methods,
@@ -619,6 +631,7 @@ def check_shape(
         )
         del ref_out
         ref_per_sample = ref_seconds / ref_rows
+        copy_seconds = copy_time(outputs, shape.classes, repeats)
         for backend in backends:
             row = {"device": device_name, "shape": shape.name, "method": method, "backend": backend, "batch": batch}
             row.update(counts)
@@ -658,13 +671,15 @@ def check_shape(
                 of_hbm_roofline=batch * moved / seconds / bandwidth,
                 model_seconds=model_seconds,
                 of_model=model_seconds / seconds,
+                copy_seconds=copy_seconds,
+                of_copy=copy_seconds / seconds,
                 torch_seconds_scaled=ref_per_sample * batch,
                 speedup_vs_torch=ref_per_sample * batch / seconds,
             )
             rows.append(row)
             print(
                 f"  {shape.name:22s} {method:6s} {backend:6s} ran on {row['ran_on']:6s} {seconds:8.4f} s "
-                f"{row['samples_per_s']:10.3g}/s {row['of_hbm_roofline']:6.1%} of HBM, "
+                f"{row['samples_per_s']:10.3g}/s {row['of_hbm_roofline']:6.1%} of HBM, {row['of_copy']:6.1%} of copy, "
                 f"{row['of_model']:6.1%} of model, "
                 f"{row['speedup_vs_torch']:7.1f}x torch  {'ok' if ok else 'FAILED'}",
                 flush=True,
@@ -697,18 +712,20 @@ def write_results(rows: list[dict], steps: list[dict], device: str, out: Path) -
         lines.append(f"| {s['step']} | {'yes' if s['ok'] else '**no**'} | {s.get('seconds', '')} | {detail} |")
     lines += [
         "",
-        "| shape | method | backend | ran on | samples/s | of HBM roofline | of model | x torch | agreement | ok |",
+        "| shape | method | backend | ran on | samples/s | of HBM roofline | of copy | of model | x torch "
+        "| agreement | ok |",
     ]
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         agreement = r.get("max_diff_converged", r.get("max_diff", ""))
         lines.append(
             f"| {r['shape']} | {r['method']} | {r['backend']} | {r.get('ran_on', '')} | "
             f"{r.get('samples_per_s', 0):.3g} | "
-            f"{r.get('of_hbm_roofline', 0):.1%} | {r.get('of_model', 0):.1%} | {r.get('speedup_vs_torch', 0):.1f} | "
+            f"{r.get('of_hbm_roofline', 0):.1%} | {r.get('of_copy', 0):.1%} | {r.get('of_model', 0):.1%} | "
+            f"{r.get('speedup_vs_torch', 0):.1f} | "
             f"{agreement:.2g} | {'yes' if r.get('ok') else '**no**'} |"
             if "seconds" in r
-            else f"| {r['shape']} | {r['method']} | {r['backend']} | | | | | | {r.get('detail', '')} | **no** |"
+            else f"| {r['shape']} | {r['method']} | {r['backend']} | | | | | | | {r.get('detail', '')} | **no** |"
         )
     lines += ["", "The model (bytes, flops, expected time) is the table in benchmarks/gpu.py's docstring.", ""]
     (out / f"{stem}.md").write_text("\n".join(lines))

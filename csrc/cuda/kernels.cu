@@ -54,24 +54,55 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-// The team grid for this device: blocks resident per SM by threads (2048 per SM) and shared memory.
-TeamPlan device_team_plan(int method, int64_t batch, const Structure& s, int device) {
-  int sms = 0, optin = 0, per_sm = 0;
+// Dynamic shared memory of a team launch: the scratch when it fits a block, else a block team's
+// exchange only.
+int64_t team_smem(int method, const Structure& s, bool shared) {
+  if (shared) return team_block_bytes(method, s);
+  return team_shape(method).per_block == 1 ? kTeamExchange * int64_t(sizeof(double)) : 0;
+}
+
+// Blocks of team_kernel<M, *> an SM of the current device holds at once with `smem` bytes each, as
+// the runtime counts them (registers, shared memory, threads): a grid of more would run a second,
+// nearly empty wave that takes as long as the first.
+template <int M>
+int resident_blocks(int64_t smem) {
+  int with_float = 0, with_double = 0;
+  check_cuda(cudaFuncSetAttribute(team_kernel<M, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+             "team_kernel shared memory");
+  check_cuda(cudaFuncSetAttribute(team_kernel<M, double>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+             "team_kernel shared memory");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&with_float, team_kernel<M, float>, kTeamBlock, size_t(smem)),
+             "team_kernel occupancy");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&with_double, team_kernel<M, double>, kTeamBlock, size_t(smem)),
+             "team_kernel occupancy");
+  return std::max(1, std::min(with_float, with_double));  // one plan serves both answer dtypes
+}
+
+// The team grid for the current device (`device`): as many blocks as its SMs hold at once.
+template <int M>
+TeamPlan device_team_plan(int64_t batch, const Structure& s, int device) {
+  int sms = 0, optin = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "multiprocessor count");
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory per block");
-  check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device), "shared memory per SM");
-  const int64_t block_bytes = team_block_bytes(method, s);
-  int64_t blocks_per_sm = 2048 / kTeamBlock;
-  if (block_bytes <= optin) blocks_per_sm = std::min<int64_t>(blocks_per_sm, std::max<int64_t>(1, per_sm / (block_bytes + 1024)));
-  return team_plan(method, batch, s, optin, int64_t(sms) * blocks_per_sm * team_shape(method).per_block);
+  const int64_t smem = team_smem(M, s, team_block_bytes(M, s) <= optin);
+  const int64_t resident = int64_t(sms) * resident_blocks<M>(smem) * team_shape(M).per_block;
+  return team_plan(M, batch, s, optin, resident);
 }
 
 }  // namespace
 
 Plan cuda_plan(int method, int64_t batch, const Structure& s, int device) {
   if (!team_method(method)) return grid_plan(method, batch, s);
-  const TeamPlan p = device_team_plan(method, batch, s, device);
-  return Plan{p.teams, p.workspace_bytes};
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  Plan plan{};
+  with_method(method, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    if constexpr (team_method(M)) {
+      const TeamPlan p = device_team_plan<M>(batch, s, device);
+      plan = Plan{p.teams, p.workspace_bytes};
+    }
+  });
+  return plan;
 }
 
 void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t workspace, int64_t threads) {
@@ -85,12 +116,10 @@ void cuda_launch(const Args& args, int device, uintptr_t stream, uintptr_t works
       constexpr int M = decltype(m)::value;
       using Out = std::remove_pointer_t<decltype(prob.soft)>;
       if constexpr (team_method(M)) {  // `threads`: teams, as cuda_plan gave them
-        const TeamPlan p = device_team_plan(M, args.batch, prob.s, device);
+        const TeamPlan p = device_team_plan<M>(args.batch, prob.s, device);  // (sets the shared memory limit)
         constexpr int per_block = team_shape(M).per_block;
         if (threads % per_block != 0) throw std::invalid_argument("teams must fill whole blocks");
-        const int64_t smem = p.shared ? team_block_bytes(M, prob.s) : (per_block == 1 ? kTeamExchange * int64_t(sizeof(double)) : 0);
-        check_cuda(cudaFuncSetAttribute(team_kernel<M, Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                   "team_kernel shared memory");
+        const int64_t smem = team_smem(M, prob.s, p.shared);
         const unsigned blocks = static_cast<unsigned>(threads / per_block);
         team_kernel<M, Out><<<blocks, kTeamBlock, size_t(smem), s>>>(
             prob, p.shared ? nullptr : reinterpret_cast<double*>(workspace), p.slots, threads);
