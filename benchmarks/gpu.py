@@ -581,6 +581,17 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def sm_clock() -> float | None:
+    """The SM clock (MHz) over NVML's last sample period, right after a timed call: a kernel that
+    ran at a low clock explains itself (None without NVML)."""
+    import torch
+
+    try:
+        return float(torch.cuda.clock_rate())
+    except Exception:  # no pynvml, or not a CUDA device
+        return None
+
+
 def copy_time(outputs, classes: int, repeats: int) -> float:
     """Seconds torch's own kernels take to move the bytes the model counts: each input read once
     (a sum), the answers written once (a fill); the copy rate of the same run."""
@@ -649,7 +660,7 @@ def check_shape(
             got = soft[picked].cpu().double()
             diff = (got - expected.double()).abs().amax(dim=1)
             finite = bool(torch.isfinite(soft).all())
-            row.update(ran_on=info["backend"], seconds=seconds, samples_per_s=batch / seconds)
+            row.update(ran_on=info["backend"], seconds=seconds, samples_per_s=batch / seconds, sm_mhz=sm_clock())
             if method in ITERATIVE:
                 both = info["converged"][picked].cpu() & expected_info["converged"]
                 limit = 1e-4 if method == "ce" else 1e-3
@@ -681,7 +692,7 @@ def check_shape(
                 f"  {shape.name:22s} {method:6s} {backend:6s} ran on {row['ran_on']:6s} {seconds:8.4f} s "
                 f"{row['samples_per_s']:10.3g}/s {row['of_hbm_roofline']:6.1%} of HBM, {row['of_copy']:6.1%} of copy, "
                 f"{row['of_model']:6.1%} of model, "
-                f"{row['speedup_vs_torch']:7.1f}x torch  {'ok' if ok else 'FAILED'}",
+                f"{row['speedup_vs_torch']:7.1f}x torch, SM at {row['sm_mhz']} MHz  {'ok' if ok else 'FAILED'}",
                 flush=True,
             )
         del outputs

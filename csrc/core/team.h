@@ -2,6 +2,7 @@
 // read by consecutive lanes (coalesced) and the sample's state stays in one block of on-chip memory.
 // The team code (team_solve.h) is written once against this interface:
 //
+//   static constexpr int kHeld;       // columns of a row a lane holds in registers (TeamRow)
 //   int lane() const, size() const;   // this lane, and the team's width
 //   void sync() const;                // every lane's earlier memory writes are seen by all
 //   double sum(double x) const;       // over the lanes, the same value in every lane
@@ -20,6 +21,7 @@ namespace UHC_NAMESPACE {
 #if defined(__CUDACC__)
 // A warp's 32 lanes. The butterfly leaves the same value in every lane (a + b == b + a).
 struct WarpTeam {
+  static constexpr int kHeld = 8;  // rows of up to 256 columns read once
   int lane_;
   __device__ int lane() const { return lane_; }
   __device__ static constexpr int size() { return 32; }
@@ -41,6 +43,7 @@ struct WarpTeam {
 // A block's threads: each warp's butterfly, then the warps' values through `exchange` (shared
 // memory, one double a warp), added in warp order by every thread.
 struct BlockTeam {
+  static constexpr int kHeld = 2;  // at 128 threads, rows of up to 256 columns read once
   double* exchange;
   __device__ int lane() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
@@ -67,7 +70,11 @@ struct BlockTeam {
 
 // Row b of teacher i as a team reads it, by read_row's rules (input.h): check() sums the checks'
 // stats over the lanes (and records a failure); for_each_value() then hands each lane its columns
-// as the method reads them.
+// as the method reads them. A lane's first Held columns are loaded together when the checks begin
+// and held in registers until the values are used, so that a row of up to Held x the team's width
+// columns is read from memory once, all its loads in flight at once (more would cost registers,
+// and so resident teams).
+template <int Held>
 struct TeamRow {
   const TeacherInput* t;
   const Inputs* in;
@@ -75,6 +82,7 @@ struct TeamRow {
   int n;
   bool valid = true;
   double inv_sum = 1, zmax = 0, inv_total = 1;  // renormalised probabilities; a softmax of logits
+  double held[Held];                            // columns lane + k * size, as stored, widened
 
   UHC_HD bool logits_out() const { return in->value_kind == kLogits; }
   UHC_HD bool renormalise() const { return t->kind == kProbs && !logits_out() && in->temperature == 1.0; }
@@ -94,12 +102,45 @@ struct TeamRow {
     }
   }
 
-  // f(j, x) for this lane's columns j = lane, lane + size, ..., x column j as stored: four loads
-  // issued before they are used, so that a lane has them in flight together.
+  // held[k] = column lane + k * size (0 past the row's end), every load issued before any is used.
+  template <class Team>
+  UHC_HD void load_held(const Team& team) {
+    const int step = team.size(), lane = team.lane();
+    const int64_t at = b * t->row_stride;
+    const auto load = [&](const auto* row, auto widen) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < Held; ++k) {
+        const int j = lane + k * step;
+        held[k] = j < n ? double(widen(row[at + j * t->col_stride])) : 0.0;
+      }
+    };
+    switch (t->dtype) {  // once per row: the loads themselves read one stored type
+      case kFloat16:
+        return load(reinterpret_cast<const uint16_t*>(t->data), [](uint16_t h) { return half_to_float(h); });
+      case kBFloat16:
+        return load(reinterpret_cast<const uint16_t*>(t->data), [](uint16_t h) { return bfloat16_to_float(h); });
+      case kFloat32:
+        return load(reinterpret_cast<const float*>(t->data), [](float x) { return x; });
+      default:
+        return load(reinterpret_cast<const double*>(t->data), [](double x) { return x; });
+    }
+  }
+
+  // f(j, x) for this lane's columns j = lane, lane + size, ..., x column j as stored: the held
+  // ones, then the rest four loads at a time, issued before they are used.
   template <class Team, class F>
   UHC_HD void for_each_stored(const Team& team, F f) const {
     const int step = team.size();
-    int j = team.lane();
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < Held; ++k) {
+      const int j = team.lane() + k * step;
+      if (j < n) f(j, held[k]);
+    }
+    int j = team.lane() + Held * step;
     for (; j + 3 * step < n; j += 4 * step) {
       const double x0 = stored(j), x1 = stored(j + step), x2 = stored(j + 2 * step), x3 = stored(j + 3 * step);
       f(j, x0), f(j + step, x1), f(j + 2 * step, x2), f(j + 3 * step, x3);
@@ -132,6 +173,7 @@ struct TeamRow {
   template <class Team>
   UHC_HD bool check(const Team& team) {
     if (t->data == 0) return true;
+    load_held(team);
     double sum = 0;
     bool finite = true, negative = false;
     for_each_stored(team, [&](int, double x) { finite &= x - x == 0, negative |= x < 0, sum += x; });
@@ -166,8 +208,9 @@ UHC_HD double team_sum_over(const Team& team, int n, F f) {
 }
 
 // Teacher i's row b (n columns), unchecked.
-UHC_HD TeamRow team_row(const Inputs& in, int i, int64_t b, int n) {
-  TeamRow row;
+template <int Held>
+UHC_HD TeamRow<Held> team_row(const Inputs& in, int i, int64_t b, int n) {
+  TeamRow<Held> row;
   row.t = in.teachers + i, row.in = &in, row.b = b, row.n = n;
   return row;
 }
@@ -185,7 +228,7 @@ UHC_HD bool team_class_sums(const Team& team, const Problem<Out>& prob, int64_t 
   bool valid = true;
   for (int i = 0; i < s.N; ++i) {
     const int lo = s.offsets[i];
-    TeamRow row = team_row(prob.in, i, b, s.offsets[i + 1] - lo);
+    TeamRow<Team::kHeld> row = team_row<Team::kHeld>(prob.in, i, b, s.offsets[i + 1] - lo);
     valid &= row.check(team);
     const double wi = prob.weights[i];
     double part = 0;

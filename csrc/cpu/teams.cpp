@@ -42,6 +42,7 @@ class Barrier {
 // One lane of an emulated team (the Team interface of core/team.h). Reductions go through `slots`
 // (one per lane) between two barriers, and add in lane order: every lane gets the same value.
 struct EmulatedTeam {
+  static constexpr int kHeld = 2;  // (fewer than a warp's, so that the tests also read rows past them)
   int lane_, size_;
   Barrier* barrier;
   double* slots;

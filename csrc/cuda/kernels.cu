@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(M)) solve_kernel(Problem<Ou
 // scratch is its slice of the block's shared memory (after a block team's exchange), or of the
 // workspace where that is not null. sd and mf-lf: at least 4 blocks per SM, without which ptxas
 // caps them at 64 registers and spills the four loads each lane keeps in flight
-// (TeamRow::for_each_stored).
+// (TeamRow::load_held, for_each_stored).
 template <int M, class Out>
 __global__ void __launch_bounds__(kTeamBlock, M == kCE ? 1 : 4)
     team_kernel(Problem<Out> prob, double* workspace, int64_t slots, int64_t teams) {
