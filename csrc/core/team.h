@@ -87,45 +87,26 @@ struct TeamRow {
   UHC_HD bool logits_out() const { return in->value_kind == kLogits; }
   UHC_HD bool renormalise() const { return t->kind == kProbs && !logits_out() && in->temperature == 1.0; }
 
-  // Column j as stored, widened (the dtype's branch is the same in every lane).
+  // Column j as stored, widened (the dtype's branch is the same in every lane; a row's columns past
+  // the held ones, where a branch per column keeps the code small).
   UHC_HD double stored(int j) const {
-    const int64_t at = b * t->row_stride + j * t->col_stride;
-    switch (t->dtype) {
-      case kFloat16:
-        return half_to_float(reinterpret_cast<const uint16_t*>(t->data)[at]);
-      case kBFloat16:
-        return bfloat16_to_float(reinterpret_cast<const uint16_t*>(t->data)[at]);
-      case kFloat32:
-        return reinterpret_cast<const float*>(t->data)[at];
-      default:
-        return reinterpret_cast<const double*>(t->data)[at];
-    }
+    return with_row(*t, b, [&](const auto* row, auto widen) { return widen(row[j * t->col_stride]); });
   }
 
   // held[k] = column lane + k * size (0 past the row's end), every load issued before any is used.
   template <class Team>
   UHC_HD void load_held(const Team& team) {
     const int step = team.size(), lane = team.lane();
-    const int64_t at = b * t->row_stride;
-    const auto load = [&](const auto* row, auto widen) {
+    with_row(*t, b, [&](const auto* row, auto widen) {  // the dtype's branch once, outside the loads
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
       for (int k = 0; k < Held; ++k) {
         const int j = lane + k * step;
-        held[k] = j < n ? double(widen(row[at + j * t->col_stride])) : 0.0;
+        held[k] = j < n ? widen(row[j * t->col_stride]) : 0.0;
       }
-    };
-    switch (t->dtype) {  // once per row: the loads themselves read one stored type
-      case kFloat16:
-        return load(reinterpret_cast<const uint16_t*>(t->data), [](uint16_t h) { return half_to_float(h); });
-      case kBFloat16:
-        return load(reinterpret_cast<const uint16_t*>(t->data), [](uint16_t h) { return bfloat16_to_float(h); });
-      case kFloat32:
-        return load(reinterpret_cast<const float*>(t->data), [](float x) { return x; });
-      default:
-        return load(reinterpret_cast<const double*>(t->data), [](double x) { return x; });
-    }
+      return 0;
+    });
   }
 
   // f(j, x) for this lane's columns j = lane, lane + size, ..., x column j as stored: the held
