@@ -748,7 +748,7 @@ _ORDER = ["device", "shape", "method", "backend", "ran_on", "batch", "ok", "seco
 
 STREAMING = ("sd", "ce", "mf-lf")  # the methods whose targets are stated at B = 2^20
 # the kernels ncu profiles: the CUDA module's and the Triton solvers (not torch's own small kernels)
-PROFILED_KERNELS = "regex:team_kernel|solve_kernel|_(sd|ce|mf_p|mf_lf|mf_lu)_kernel"
+PROFILED_KERNELS = "regex:.*(team_kernel|solve_kernel|_(sd|ce|mf_p|mf_lf|mf_lu)_kernel).*"
 NCU_SECTIONS = (
     "SpeedOfLight",
     "Occupancy",
