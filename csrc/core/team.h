@@ -8,6 +8,8 @@
 //   double sum(double x) const;       // over the lanes, the same value in every lane
 //   double max(double x) const;
 //   bool any(bool p) const;
+//   int group() const, groups() const, group_lane() const, group_size() const;
+//   double group_sum(double x) const; // a sub-team's (a block's warp; else the team): no barrier
 //
 // WarpTeam (a warp) and BlockTeam (a block) run it on the GPU (cuda/kernels.cu); cpu/teams.cpp
 // emulates it on the CPU with one thread per lane and a barrier, so that CI runs the GPU's team
@@ -38,6 +40,11 @@ struct WarpTeam {
     return x;
   }
   __device__ bool any(bool p) const { return __any_sync(0xffffffffu, p) != 0; }
+  __device__ static constexpr int group() { return 0; }
+  __device__ static constexpr int groups() { return 1; }
+  __device__ int group_lane() const { return lane_; }
+  __device__ static constexpr int group_size() { return 32; }
+  __device__ double group_sum(double x) const { return sum(x); }
 };
 
 // A block's threads: each warp's butterfly, then the warps' values through `exchange` (shared
@@ -65,6 +72,12 @@ struct BlockTeam {
     return reduce(x, [](double a, double b) { return a < b ? b : a; });
   }
   __device__ bool any(bool p) const { return __syncthreads_or(p) != 0; }
+  // its warps as sub-teams
+  __device__ int group() const { return static_cast<int>(threadIdx.x) / 32; }
+  __device__ int groups() const { return static_cast<int>(blockDim.x) / 32; }
+  __device__ int group_lane() const { return static_cast<int>(threadIdx.x) % 32; }
+  __device__ static constexpr int group_size() { return 32; }
+  __device__ double group_sum(double x) const { return WarpTeam{group_lane()}.sum(x); }
 };
 #endif
 

@@ -35,7 +35,9 @@ struct TeamCeScratch {
   }
 };
 
-// grounded_laplacian_solve (linalg.h) by a team: each elimination step's row updates over the lanes.
+// grounded_laplacian_solve (linalg.h) by a team, the same operations in the same order: each
+// elimination step's updates over the lanes, a row's columns shared by team.size() / rows lanes
+// (at N=20 on 128 threads, 7 a row: a step is a few dependent updates, not a whole row's).
 template <class Team>
 UHC_HD void team_grounded_laplacian_solve(const Team& team, double* L, double* g, double* b, double* pivot, double* x,
                                           int n) {
@@ -43,11 +45,12 @@ UHC_HD void team_grounded_laplacian_solve(const Team& team, double* L, double* g
     double d = g[k];  // every lane forms the same pivot from the finished row k
     for (int j = k + 1; j < n; ++j) d += L[k * n + j];
     const double inv = d > 0 ? 1.0 / d : 0.0;
-    for (int i = k + 1 + team.lane(); i < n; i += team.size()) {
+    const int rows = n - k - 1, per = rows > 0 && team.size() > rows ? team.size() / rows : 1;
+    for (int t = team.lane(); t < rows * per; t += team.size()) {
+      const int i = k + 1 + t / per, first = t % per;  // row i, its columns first + i + 1, ... by per
       const double f = L[k * n + i] * inv;
-      for (int j = i + 1; j < n; ++j) L[i * n + j] += f * L[k * n + j];
-      g[i] += f * g[k];
-      b[i] += f * b[k];
+      for (int j = i + 1 + first; j < n; j += per) L[i * n + j] += f * L[k * n + j];
+      if (first == 0) g[i] += f * g[k], b[i] += f * b[k];
     }
     if (team.lane() == 0) pivot[k] = inv;
     team.sync();
@@ -105,11 +108,15 @@ struct TeamCe {
     const double Z = team.sum(part);
     team.sync();
     auto x = [&](int k) { return sc.Ng[st.tch_group[k]] * sc.inv[st.tch_group[k]]; };  // x_g = N_g / D_g
-    for (int i = 0; i < st.N; ++i) {  // by teacher: first the groups it shares, then the rest
+    // by teacher, a teacher a sub-team (no block barrier in the loop): first the groups it shares,
+    // then the rest
+    for (int i = team.group(); i < st.N; i += team.groups()) {
       const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-      const double on_shared = team_sum_over(team, mid - lo, [&](int k) { return x(lo + k); });
-      const double rest = team_sum_over(team, hi - mid, [&](int k) { return x(mid + k); });
-      if (lane() == 0) sc.shared[i] = on_shared, sc.mass[i] = on_shared + rest;
+      double on_shared = 0, rest = 0;
+      for (int k = lo + team.group_lane(); k < mid; k += team.group_size()) on_shared += x(k);
+      for (int k = mid + team.group_lane(); k < hi; k += team.group_size()) rest += x(k);
+      on_shared = team.group_sum(on_shared), rest = team.group_sum(rest);
+      if (team.group_lane() == 0) sc.shared[i] = on_shared, sc.mass[i] = on_shared + rest;
     }
     team.sync();
     return Z;
@@ -213,10 +220,11 @@ struct TeamCe {
     const double* w = prob.weights;
     bool active = read_evidence();
     const double total_n = team_sum_over(team, st.G, [&](int g) { return sc.Ng[g]; });
-    for (int i = 0; i < st.N; ++i) {  // start at sd: t_i = log w_i - log S_i(n / sum n)
-      const int lo = st.tch_ptr[i];
-      const double mass = team_sum_over(team, st.tch_ptr[i + 1] - lo, [&](int k) { return sc.Ng[st.tch_group[lo + k]]; });
-      if (lane() == 0) sc.t[i] = vlog(w[i]) - vlog(mass / total_n);
+    for (int i = team.group(); i < st.N; i += team.groups()) {  // start at sd: t_i = log w_i - log S_i(n / sum n)
+      double mass = 0;
+      for (int k = st.tch_ptr[i] + team.group_lane(); k < st.tch_ptr[i + 1]; k += team.group_size()) mass += sc.Ng[st.tch_group[k]];
+      mass = team.group_sum(mass);
+      if (team.group_lane() == 0) sc.t[i] = vlog(w[i]) - vlog(mass / total_n);
     }
     team.sync();
     double total_w = 0, top = sc.t[0];

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <condition_variable>
+#include <memory>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -39,28 +40,41 @@ class Barrier {
   int64_t generation_ = 0;
 };
 
-// One lane of an emulated team (the Team interface of core/team.h). Reductions go through `slots`
-// (one per lane) between two barriers, and add in lane order: every lane gets the same value.
-struct EmulatedTeam {
-  static constexpr int kHeld = 2;  // (fewer than a warp's, so that the tests also read rows past them)
-  int lane_, size_;
+// Lanes meeting at `barrier`, reducing through `slots` (one per lane) between two waits, in lane
+// order: every lane gets the same value.
+struct Meeting {
   Barrier* barrier;
   double* slots;
-  int lane() const { return lane_; }
-  int size() const { return size_; }
-  void sync() const { barrier->wait(); }
   template <class F>
-  double reduce(double x, F f) const {
-    slots[lane_] = x;
-    sync();
+  double reduce(int lane, int size, double x, F f) const {
+    slots[lane] = x;
+    barrier->wait();
     double out = slots[0];
-    for (int k = 1; k < size_; ++k) out = f(out, slots[k]);
-    sync();
+    for (int k = 1; k < size; ++k) out = f(out, slots[k]);
+    barrier->wait();
     return out;
   }
-  double sum(double x) const { return reduce(x, [](double a, double b) { return a + b; }); }
-  double max(double x) const { return reduce(x, [](double a, double b) { return a < b ? b : a; }); }
+};
+
+// One lane of an emulated team (the Team interface of core/team.h). A team of a multiple of 32
+// lanes above 32 has sub-teams of 32 (a block's warps), each with its own meeting.
+struct EmulatedTeam {
+  static constexpr int kHeld = 2;  // (fewer than a warp's, so that the tests also read rows past them)
+  int lane_, size_, group_size_;
+  Meeting all, own_group;
+  int lane() const { return lane_; }
+  int size() const { return size_; }
+  void sync() const { all.barrier->wait(); }
+  double sum(double x) const { return all.reduce(lane_, size_, x, [](double a, double b) { return a + b; }); }
+  double max(double x) const { return all.reduce(lane_, size_, x, [](double a, double b) { return a < b ? b : a; }); }
   bool any(bool p) const { return max(p ? 1.0 : 0.0) > 0; }
+  int group() const { return lane_ / group_size_; }
+  int groups() const { return size_ / group_size_; }
+  int group_lane() const { return lane_ % group_size_; }
+  int group_size() const { return group_size_; }
+  double group_sum(double x) const {
+    return own_group.reduce(group_lane(), group_size_, x, [](double a, double b) { return a + b; });
+  }
 };
 
 void solve_teams(UHC_SOLVE_PARAMS, int64_t teams, int lanes) {
@@ -73,11 +87,17 @@ void solve_teams(UHC_SOLVE_PARAMS, int64_t teams, int lanes) {
     // the scratch starts as NaN, as the CPU backend's does (cpu/tiles.cpp): the GPU's shared memory
     // starts as whatever was there
     std::vector<double> scratch(static_cast<size_t>(teams * slots), NAN), exchange(static_cast<size_t>(lanes));
+    std::vector<double> group_exchange(static_cast<size_t>(lanes));
+    const int group_size = lanes > 32 && lanes % 32 == 0 ? 32 : lanes;
     Barrier barrier(lanes);
+    std::vector<std::unique_ptr<Barrier>> group_barriers;
+    for (int g = 0; g < lanes / group_size; ++g) group_barriers.push_back(std::make_unique<Barrier>(group_size));
     std::vector<std::thread> threads;
     for (int lane = 0; lane < lanes; ++lane) {
       threads.emplace_back([&, lane] {
-        const EmulatedTeam team{lane, lanes, &barrier, exchange.data()};
+        const int g = lane / group_size;
+        const EmulatedTeam team{lane, lanes, group_size, Meeting{&barrier, exchange.data()},
+                                Meeting{group_barriers[g].get(), group_exchange.data() + g * group_size}};
         uhc::with_method(prob.method, [&](auto m) {
           constexpr int M = decltype(m)::value;
           if constexpr (uhc::team_method(M))

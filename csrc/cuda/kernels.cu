@@ -30,10 +30,11 @@ __global__ void __launch_bounds__(kBlock, min_blocks(M)) solve_kernel(Problem<Ou
 // Team `threadIdx.x / lanes` of the block is team blockIdx.x * per_block + that (team_shape); its
 // scratch is its slice of the block's shared memory (after a block team's exchange), or of the
 // workspace where that is not null. sd and mf-lf: at least 4 blocks per SM, without which ptxas
-// caps them at 64 registers and spills the four loads each lane keeps in flight
-// (TeamRow::load_held, for_each_stored).
+// caps them at 64 registers and spills the loads each lane keeps in flight (TeamRow::load_held).
+// ce: 3, as many as its shared memory allows at K=1000, N=20 (63 KB a block), so that registers
+// are not what limits it.
 template <int M, class Out>
-__global__ void __launch_bounds__(kTeamBlock, M == kCE ? 1 : 4)
+__global__ void __launch_bounds__(kTeamBlock, M == kCE ? 3 : 4)
     team_kernel(Problem<Out> prob, double* workspace, int64_t slots, int64_t teams) {
   extern __shared__ double shared[];
   constexpr TeamShape shape = team_shape(M);
