@@ -414,6 +414,21 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path = REP
         return 124, text[-6000:], time.perf_counter() - start
 
 
+def run_into(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
+    """Run a command (without TRITON_INTERPRET) with its output going into ``log`` as it comes, so a
+    command stopped at its time limit leaves what it printed; ``(returncode or 124, seconds)``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    return code, time.perf_counter() - start
+
+
 def build(timeout: float) -> dict:
     """``pip install --no-build-isolation --no-deps -e .`` for sm_90 with the CUDA backend forced on."""
     env = {**os.environ, "UHC_FAST_CUDA": "1", "UHC_FAST_CUDA_ARCHS": "90"}
@@ -441,7 +456,6 @@ def gpu_tests(timeout: float, out: Path) -> dict:
     with pytest-timeout), one line per test into ``out/gpu-tests.log`` as it goes."""
     import importlib.util
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--tb=short", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("xdist"):
         cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
@@ -449,14 +463,7 @@ def gpu_tests(timeout: float, out: Path) -> dict:
         cmd += ["--timeout", "150"]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "gpu-tests.log"
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            code = subprocess.run(
-                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
+    code, seconds = run_into(cmd, timeout, log)
     outcomes = parse_test_log(log.read_text(errors="replace"))
     counts = {k: sum(v == k for v in outcomes.values()) for k in sorted(set(outcomes.values()))}
     failed = sorted(t for t, v in outcomes.items() if v in ("FAILED", "ERROR"))
@@ -468,7 +475,7 @@ def gpu_tests(timeout: float, out: Path) -> dict:
     return {
         "step": "pytest -m gpu",
         "ok": code in (0, 5) and not failed,  # 5: nothing collected
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "detail": detail + f" (log: {log.name})",
     }
 
@@ -793,20 +800,12 @@ def profile(methods, backends, timeout: float, out: Path, device: str) -> dict:
         cmd += ["--section", section]
     cmd += [sys.executable, "-m", "benchmarks.gpu", "--profile-target", "--methods", ",".join(methods)]
     cmd += ["--backends", ",".join(backends)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    start = time.perf_counter()
-    with open(report, "w") as f:
-        try:
-            code = subprocess.run(
-                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
+    code, seconds = run_into(cmd, timeout, report)
     kernels = report.read_text(errors="replace").count("Section: GPU Speed Of Light Throughput")
     return {
         "step": "ncu",
         "ok": code == 0,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "detail": f"{kernels} kernels profiled" + (f"; exit {code}" if code else "") + f" (report: {report.name})",
     }
 

@@ -129,6 +129,14 @@ FAILED tests/test_native.py::test_cuda_launch_matches_its_grid_on_the_cpu[ce-tor
     }
 
 
+def test_a_step_stopped_at_its_limit_keeps_what_it_printed(tmp_path):
+    log = tmp_path / "step.log"
+    cmd = [sys.executable, "-c", "import time; print('PASSED tests/a.py::t', flush=True); time.sleep(60)"]
+    code, seconds = gpu.run_into(cmd, 3, log)
+    assert code == 124 and seconds < 30
+    assert gpu.parse_test_log(log.read_text()) == {"tests/a.py::t": "PASSED"}
+
+
 def test_the_gpu_run_measures_the_gate_shape_first(monkeypatch, tmp_path):
     """The order that keeps the most when a lease ends early: the gate shape (its streaming methods
     at B = 2^20), the tests, the profile, then the other shapes; results written after each."""
