@@ -472,7 +472,34 @@ def mf_p_polish(p, mask, w, v0, *, max_iter: int = 20000):
     q = mf_p_q_of_v(p, mask, w, v)
     total = q.sum()
     q, v = q / total, v * total
-    return q, v, mf_p_objective(p, mask, w, q, v)
+    return _mf_p_gauss_newton(p, mask, w, q, v)
+
+
+def _mf_p_gauss_newton(p, mask, w, q, v, *, max_steps: int = 20):
+    """Gauss-Newton steps on the residuals ``sqrt(w_i) (p_il - v_i q_l)`` themselves, ``sum q = 1``
+    pinned by one more row: ``F(v)`` above loses what lies below ``eps * sum w p^2`` to cancellation,
+    which leaves ``q`` off by ``sqrt`` of that where a teacher of tiny weight decides it. A step is
+    kept only when it stays feasible and lowers ``f``. Returns ``(q, v, f(q, v))``."""
+    ii, ll = np.nonzero(mask)
+    rows, num_classes = np.arange(ii.size), q.size
+    root, target = np.sqrt(w[ii]), p[ii, ll]
+    pin = np.sqrt(w.sum())
+    f = mf_p_objective(p, mask, w, q, v)
+    for _ in range(max_steps):
+        jac = np.zeros((ii.size + 1, num_classes + v.size))
+        jac[rows, ll] = -root * v[ii]
+        jac[rows, num_classes + ii] = -root * q[ll]
+        jac[-1, :num_classes] = pin
+        residual = np.append(root * (target - v[ii] * q[ll]), pin * (q.sum() - 1))
+        step = np.linalg.lstsq(jac, -residual, rcond=None)[0]
+        q_new, v_new = q + step[:num_classes], v + step[num_classes:]
+        if (q_new < 0).any() or (v_new < 0).any():
+            break
+        f_new = mf_p_objective(p, mask, w, q_new / q_new.sum(), v_new * q_new.sum())
+        if not f_new < f:
+            break
+        q, v, f = q_new / q_new.sum(), v_new * q_new.sum(), f_new
+    return q, v, f
 
 
 def oracle_mf_p_row(p, mask, w, starts):

@@ -152,29 +152,39 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one,
 // `convert` takes a double or (on the CPU) a RowDoubles of them, so that its log / exp run as vector code.
 template <class In, class Widen, class Convert, class Out>
 UHC_HD void convert_row(const In* row, int n, int64_t stride, Widen widen_one, Convert convert, Out out) {
-  int j = 0;
 #if UHC_VECTORS
-  for (; j + kRowLanes <= n; j += kRowLanes) {
-    const RowDoubles y = convert(widen_chunk(row, j, stride, widen_one));
-    for (int k = 0; k < kRowLanes; ++k) out[j + k] = y[k];
+  // the tail too as a (zero-padded) vector: every value gets the vector functions' rounding, as in
+  // the tile's block reads (Tile::load_teacher_block), so that any layout gives the same bits
+  for (int j = 0; j < n; j += kRowLanes) {
+    const int count = n - j < kRowLanes ? n - j : kRowLanes;
+    RowDoubles x{};
+    if (count == kRowLanes) {
+      x = widen_chunk(row, j, stride, widen_one);
+    } else {
+      for (int k = 0; k < count; ++k) x[k] = widen_one(row[(j + k) * stride]);
+    }
+    const RowDoubles y = convert(x);
+    for (int k = 0; k < count; ++k) out[j + k] = y[k];
   }
+#else
+  for (int j = 0; j < n; ++j) out[j] = convert(widen_one(row[j * stride]));
 #endif
-  for (; j < n; ++j) out[j] = convert(widen_one(row[j * stride]));
 }
 
 // out[j] = f(out[j]) for j < n, a vector at a time on the CPU (f as in convert_row).
 template <class Out, class F>
 UHC_HD void map_row(Out out, int n, F f) {
-  int j = 0;
 #if UHC_VECTORS
-  for (; j + kRowLanes <= n; j += kRowLanes) {
-    RowDoubles x;
-    for (int k = 0; k < kRowLanes; ++k) x[k] = out[j + k];
+  for (int j = 0; j < n; j += kRowLanes) {  // the tail as a padded vector, as in convert_row
+    const int count = n - j < kRowLanes ? n - j : kRowLanes;
+    RowDoubles x{};
+    for (int k = 0; k < count; ++k) x[k] = out[j + k];
     const RowDoubles y = f(x);
-    for (int k = 0; k < kRowLanes; ++k) out[j + k] = y[k];
+    for (int k = 0; k < count; ++k) out[j + k] = y[k];
   }
+#else
+  for (int j = 0; j < n; ++j) out[j] = f(static_cast<double>(out[j]));
 #endif
-  for (; j < n; ++j) out[j] = f(static_cast<double>(out[j]));
 }
 
 // The first check (Check) a row of teacher t with these stats fails, or -1.
@@ -254,9 +264,9 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out, double*
       convert_row(row, n, t.col_stride, widen_one, [inv_t](auto x) { return x * inv_t; }, out);
     return 0;
   });
+  if (logits_out) return true;
   double zmax = -INFINITY;
   for (int j = 0; j < n; ++j) zmax = out[j] > zmax ? static_cast<double>(out[j]) : zmax;
-  if (logits_out) return true;
   map_row(out, n, [zmax](auto z) { return vexp(z - zmax); });
   double total = 0;
   for (int j = 0; j < n; ++j) total += out[j];

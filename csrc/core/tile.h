@@ -70,6 +70,12 @@ struct Tile {
   UHC_HD M load_teacher(int i, Values values, D* scale = nullptr) const {
     M valid = splat<D>(0.0) == splat<D>(0.0);
     const int n = s().offsets[i + 1] - s().offsets[i];
+#if UHC_VECTORS
+    if constexpr (W > 1) {
+      const TeacherInput& t = prob.in.teachers[i];
+      if (t.data != 0 && t.col_stride == 1) return load_teacher_block(i, n, values, scale);
+    }
+#endif
     for (int k = 0; k < W; ++k) {
       double factor = 1.0;
       if (!read_row(prob.in, i, sample(k), n, lane_slots(values, k), scale ? &factor : nullptr)) set_lane(valid, k, 0);
@@ -77,6 +83,95 @@ struct Tile {
     }
     return valid;
   }
+
+#if UHC_VECTORS
+  // W stored values from p widened to lanes (count < W: the rest zero, which no check notices).
+  template <class In, class Widen>
+  static D widen_lanes(const In* p, int count, Widen widen_one) {
+    if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
+      if (count == W) {
+        typedef In V __attribute__((vector_size(W * sizeof(In))));
+        V x;
+        memcpy(&x, p, sizeof(V));
+        return __builtin_convertvector(x, D);
+      }
+    }
+    D y = splat<D>(0.0);
+    for (int k = 0; k < count; ++k) y[k] = widen_one(p[k]);
+    return y;
+  }
+
+  // load_teacher on the CPU for rows with contiguous columns, by read_row's rules (input.h), lanes
+  // at a time: each lane's next W values are read as one vector, the W x W block transposed in
+  // registers and stored as W lane vectors (one store a class, not W strided ones), the checks'
+  // statistics and every conversion computed on lane vectors.
+  template <class Values>
+  M load_teacher_block(int i, int n, Values values, D* scale) const {
+    const Inputs& in = prob.in;
+    const TeacherInput& t = in.teachers[i];
+    D sum = splat<D>(0.0), spread = sum, low = sum;
+    with_row(t, 0, [&](const auto* base, auto widen_one) {
+      decltype(base) rows[W];
+      for (int k = 0; k < W; ++k) rows[k] = base + sample(k) * t.row_stride;
+      for (int j = 0; j < n; j += W) {
+        const int count = n - j < W ? n - j : W;
+        D r[W];
+        for (int k = 0; k < W; ++k) {
+          __builtin_prefetch(rows[k] + j + 256);  // W streams: ask ahead of the hardware prefetcher
+          r[k] = widen_lanes(rows[k] + j, count, widen_one);
+        }
+        transpose<W>(r);
+        for (int c = 0; c < count; ++c) {
+          values[j + c] = r[c];
+          sum += r[c], spread += r[c] - r[c];  // x - x is NaN exactly for NaN and +-Inf
+          low = vmin(low, r[c]);
+        }
+      }
+      return 0;
+    });
+    M valid = splat<D>(0.0) == splat<D>(0.0);
+    for (int k = 0; k < W; ++k) {
+      RowStats st;
+      st.sum = sum[k], st.finite = spread[k] == 0, st.negative = low[k] < 0;
+      const int failed = failed_check(in, t, st);
+      if (failed < 0) continue;
+      record(in.errors + i * kChecks + failed, static_cast<unsigned long long>(sample(k)));
+      valid[k] = 0;
+    }
+    const bool logits_out = in.value_kind == kLogits;
+    if (t.kind == kProbs && !logits_out && in.temperature == 1.0) {  // renormalise
+      const D inv = splat<D>(1.0) / sum;
+      if (scale) {
+        *scale = valid ? inv : splat<D>(1.0);
+      } else {
+        for (int j = 0; j < n; ++j) values[j] = D(values[j]) * inv;
+      }
+    } else {  // logits (of probabilities: log max(p, eps)) at the temperature
+      const D eps = splat<D>(in.eps), inv_t = splat<D>(1.0 / in.temperature);
+      if (t.kind == kProbs) {
+        for (int j = 0; j < n; ++j) values[j] = vlog(vmax(D(values[j]), eps)) * inv_t;
+      } else {
+        for (int j = 0; j < n; ++j) values[j] = D(values[j]) * inv_t;
+      }
+      if (!logits_out) {  // softmax
+        D top = splat<D>(-INFINITY), total = splat<D>(0.0);
+        for (int j = 0; j < n; ++j) top = vmax(top, D(values[j]));
+        for (int j = 0; j < n; ++j) {
+          const D e = vexp(D(values[j]) - top);
+          values[j] = e;
+          total += e;
+        }
+        const D inv = splat<D>(1.0) / total;
+        for (int j = 0; j < n; ++j) values[j] = D(values[j]) * inv;
+      }
+    }
+    if (!all(valid)) {  // failed lanes: a harmless uniform row, so the solver finishes quickly
+      const D uniform = splat<D>(logits_out ? 0.0 : 1.0 / n);
+      for (int j = 0; j < n; ++j) values[j] = valid ? D(values[j]) : uniform;
+    }
+    return valid;
+  }
+#endif
 
   // Lane k of element i of a lanes array, as a double.
   template <class Values>
