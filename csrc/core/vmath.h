@@ -60,6 +60,12 @@ UHC_HD float vsqrt(float x) {
 
 // ---------------------------------------------------------------- lanes of doubles
 #if UHC_VECTORS
+// 1.5 * 2^52: y + this rounds y (|y| < 2^51) to an integer, held in the low bits of the sum (the
+// sum's bits minus kRoundToIntegerBits); converting lane vectors between int64 and double directly
+// needs AVX-512DQ, and without it compiles to one scalar conversion a lane.
+constexpr double kRoundToInteger = 6755399441055744.0;
+constexpr int64_t kRoundToIntegerBits = 0x4338000000000000LL;
+
 template <class D, class = decltype(D{}[0] + 1.0)>
 inline D vexp(D x) {
   using M = decltype(x < x);
@@ -67,7 +73,9 @@ inline D vexp(D x) {
   const M over = x > hi, under = x < lo, nan = x != x;
   x = vmin(vmax(x, lo), hi);
   // x = n ln2 + r, |r| <= ln2 / 2
-  const D n = __builtin_convertvector(__builtin_convertvector(x * 1.4426950408889634 + (x < 0 ? -0.5 : 0.5), M), D);
+  // n = x / ln2 rounded to an integer: as a double, and (k) in the low bits of the rounding sum
+  const D shifted = x * 1.4426950408889634 + kRoundToInteger;
+  const D n = shifted - kRoundToInteger;
   const D r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
   const D rr = r * r;
   const D p = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1);
@@ -75,7 +83,10 @@ inline D vexp(D x) {
               2.00000000000000000009e0;
   D e = 1.0 + 2.0 * (p / (q - p));
   // times 2^n in two halves, so that results down to the subnormals stay exact in the exponent
-  const M k = __builtin_convertvector(n, M), k1 = k >> 1, k2 = k - k1;
+  M k;
+  memcpy(&k, &shifted, sizeof(D));
+  k = k - kRoundToIntegerBits;
+  const M k1 = k >> 1, k2 = k - k1;
   D s1, s2;
   const M b1 = (k1 + 1023) << 52, b2 = (k2 + 1023) << 52;
   memcpy(&s1, &b1, sizeof(D));
@@ -99,7 +110,10 @@ inline D vlog_normal(D x) {
   const M small = m < 0.70710678118654752440;
   e = small ? e - 1 : e;
   m = small ? m + m - 1.0 : m - 1.0;
-  const D ed = __builtin_convertvector(e, D);
+  D ed;  // e as a double through the rounding constant's bits (AVX2 has no 64-bit integer conversion)
+  e = e + kRoundToIntegerBits;
+  memcpy(&ed, &e, sizeof(D));
+  ed = ed - kRoundToInteger;
   const D z = m * m;
   const D p = ((((1.01875663804580931796e-4 * m + 4.97494994976747001425e-1) * m + 4.70579119878881725854e0) * m +
                 1.44989225341610930846e1) *
