@@ -110,14 +110,25 @@ struct Tile {
     const Inputs& in = prob.in;
     const TeacherInput& t = in.teachers[i];
     D sum = splat<D>(0.0), spread = sum, low = sum;
+    // the next teacher's rows are asked for while these are read (a row is short: its own next
+    // lines are already on their way when the prefetch would issue)
+    const char* ahead[W] = {};
+    int ahead_size = 0, ahead_n = 0;
+    if (i + 1 < s().N && in.teachers[i + 1].data != 0) {
+      const TeacherInput& u = in.teachers[i + 1];
+      ahead_size = u.dtype == kFloat64 ? 8 : u.dtype == kFloat32 ? 4 : 2;
+      ahead_n = s().offsets[i + 2] - s().offsets[i + 1];
+      for (int k = 0; k < W; ++k) ahead[k] = reinterpret_cast<const char*>(u.data) + sample(k) * u.row_stride * ahead_size;
+    }
     with_row(t, 0, [&](const auto* base, auto widen_one) {
       decltype(base) rows[W];
       for (int k = 0; k < W; ++k) rows[k] = base + sample(k) * t.row_stride;
-      for (int j = 0; j < n; j += W) {
+      const int step = ahead_size ? 64 / ahead_size : 0;  // a cache line of each next row per W columns read
+      for (int j = 0, next = 0; j < n; j += W, next += step) {
         const int count = n - j < W ? n - j : W;
         D r[W];
         for (int k = 0; k < W; ++k) {
-          __builtin_prefetch(rows[k] + j + 256);  // W streams: ask ahead of the hardware prefetcher
+          if (next < ahead_n) __builtin_prefetch(ahead[k] + next * ahead_size);
           r[k] = widen_lanes(rows[k] + j, count, widen_one);
         }
         transpose<W>(r);
