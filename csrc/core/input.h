@@ -94,21 +94,22 @@ constexpr int kRowLanes = 2;
 #endif
 typedef double RowDoubles __attribute__((vector_size(8 * kRowLanes)));
 
-// The kRowLanes stored values row[j * stride], row[(j + 1) * stride], ... widened to doubles: one
-// vector load and conversion where they are contiguous float32 / float64, else one at a time
-// (16-bit floats: one instruction each with F16C).
-template <class In, class Widen>
-inline RowDoubles widen_chunk(const In* row, int j, int64_t stride, Widen widen_one) {
-  RowDoubles y;
+// `count` stored values p[0], p[stride], ... widened to the double lanes of V, the rest zero (which
+// none of the checks notices): one vector load and conversion where all of V's lanes are
+// contiguous float32 / float64, else one at a time (16-bit floats: one instruction each with F16C).
+template <class V, class In, class Widen>
+inline V widen_vector(const In* p, int64_t stride, int count, Widen widen_one) {
+  constexpr int lanes = sizeof(V) / sizeof(double);
   if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
-    if (stride == 1) {
-      typedef In V __attribute__((vector_size(kRowLanes * sizeof(In))));
-      V x;
-      memcpy(&x, row + j, sizeof(V));
-      return __builtin_convertvector(x, RowDoubles);
+    if (stride == 1 && count == lanes) {
+      typedef In X __attribute__((vector_size(lanes * sizeof(In))));
+      X x;
+      memcpy(&x, p, sizeof(X));
+      return __builtin_convertvector(x, V);
     }
   }
-  for (int k = 0; k < kRowLanes; ++k) y[k] = widen_one(row[(j + k) * stride]);
+  V y{};
+  for (int k = 0; k < count; ++k) y[k] = widen_one(p[k * stride]);
   return y;
 }
 #endif
@@ -125,7 +126,7 @@ UHC_HD RowStats row_stats(const In* row, int n, int64_t stride, Widen widen_one,
     RowDoubles sum{}, spread{}, low{};
     for (; j + kRowLanes <= n; j += kRowLanes) {
       __builtin_prefetch(row + j + 512);  // the first read of the row, from memory: ask well ahead
-      const RowDoubles y = widen_chunk(row, j, 1, widen_one);
+      const RowDoubles y = widen_vector<RowDoubles>(row + j, 1, kRowLanes, widen_one);
       if constexpr (copying)
         for (int k = 0; k < kRowLanes; ++k) copy[j + k] = y[k];
       sum += y, spread += y - y;
@@ -157,13 +158,7 @@ UHC_HD void convert_row(const In* row, int n, int64_t stride, Widen widen_one, C
   // the tile's block reads (Tile::load_teacher_block), so that any layout gives the same bits
   for (int j = 0; j < n; j += kRowLanes) {
     const int count = n - j < kRowLanes ? n - j : kRowLanes;
-    RowDoubles x{};
-    if (count == kRowLanes) {
-      x = widen_chunk(row, j, stride, widen_one);
-    } else {
-      for (int k = 0; k < count; ++k) x[k] = widen_one(row[(j + k) * stride]);
-    }
-    const RowDoubles y = convert(x);
+    const RowDoubles y = convert(widen_vector<RowDoubles>(row + j * stride, stride, count, widen_one));
     for (int k = 0; k < count; ++k) out[j + k] = y[k];
   }
 #else

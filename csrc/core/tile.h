@@ -85,22 +85,6 @@ struct Tile {
   }
 
 #if UHC_VECTORS
-  // W stored values from p widened to lanes (count < W: the rest zero, which no check notices).
-  template <class In, class Widen>
-  static D widen_lanes(const In* p, int count, Widen widen_one) {
-    if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
-      if (count == W) {
-        typedef In V __attribute__((vector_size(W * sizeof(In))));
-        V x;
-        memcpy(&x, p, sizeof(V));
-        return __builtin_convertvector(x, D);
-      }
-    }
-    D y = splat<D>(0.0);
-    for (int k = 0; k < count; ++k) y[k] = widen_one(p[k]);
-    return y;
-  }
-
   // load_teacher on the CPU for rows with contiguous columns, by read_row's rules (input.h), lanes
   // at a time: each lane's next W values are read as one vector, the W x W block transposed in
   // registers and stored as W lane vectors (one store a class, not W strided ones), the checks'
@@ -129,7 +113,7 @@ struct Tile {
         D r[W];
         for (int k = 0; k < W; ++k) {
           if (next < ahead_n) __builtin_prefetch(ahead[k] + next * ahead_size);
-          r[k] = widen_lanes(rows[k] + j, count, widen_one);
+          r[k] = widen_vector<D>(rows[k] + j, 1, count, widen_one);
         }
         transpose<W>(r);
         for (int c = 0; c < count; ++c) {
