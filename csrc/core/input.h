@@ -254,7 +254,7 @@ UHC_HD bool read_row(const Inputs& in, int i, int64_t b, int n, Out out, double*
   with_row(t, b, [&](const auto* row, auto widen_one) {
     if (probs_in)
       convert_row(row, n, t.col_stride, widen_one,
-                  [eps, inv_t](auto x) { return vlog(vmax(x, decltype(x){} + eps)) * inv_t; }, out);
+                  [eps, inv_t](auto x) { return vlog_clamped(x, eps) * inv_t; }, out);
     else
       convert_row(row, n, t.col_stride, widen_one, [inv_t](auto x) { return x * inv_t; }, out);
     return 0;

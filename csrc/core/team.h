@@ -144,7 +144,7 @@ struct TeamRow {
 
   // A stored value's logit at the temperature (the log of a probability clamped at eps).
   UHC_HD double logit(double x) const {
-    return (t->kind == kProbs ? vlog(x < in->eps ? in->eps : x) : x) * (1.0 / in->temperature);
+    return (t->kind == kProbs ? vlog_clamped(x, in->eps) : x) * (1.0 / in->temperature);
   }
 
   // f(j, v) for this lane's columns, v column j as the method reads it: a logit, or a probability

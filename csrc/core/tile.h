@@ -142,9 +142,9 @@ struct Tile {
         for (int j = 0; j < n; ++j) values[j] = D(values[j]) * inv;
       }
     } else {  // logits (of probabilities: log max(p, eps)) at the temperature
-      const D eps = splat<D>(in.eps), inv_t = splat<D>(1.0 / in.temperature);
+      const D inv_t = splat<D>(1.0 / in.temperature);
       if (t.kind == kProbs) {
-        for (int j = 0; j < n; ++j) values[j] = vlog(vmax(D(values[j]), eps)) * inv_t;
+        for (int j = 0; j < n; ++j) values[j] = vlog_clamped(D(values[j]), in.eps) * inv_t;
       } else {
         for (int j = 0; j < n; ++j) values[j] = D(values[j]) * inv_t;
       }

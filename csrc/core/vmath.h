@@ -28,6 +28,7 @@ UHC_HD double vlog(double x) {
   return std::log(x);
 #endif
 }
+UHC_HD double vlog_clamped(double x, double floor) { return vlog(x < floor ? floor : x); }
 UHC_HD double vexpm1(double x) {
 #if defined(__CUDA_ARCH__)
   return ::expm1(x);
@@ -141,6 +142,15 @@ inline D vlog(D x) {
   y = inf ? x : y;
   y = bad ? splat<D>(NAN) : y;
   return nan ? x : y;
+}
+
+// log(max(x, floor)) for floor > 0 (the logits of probabilities). With a normal floor the clamped
+// argument is normal, NaN or +inf, so vlog's other special cases are skipped.
+template <class D, class = decltype(D{}[0] + 1.0)>
+inline D vlog_clamped(D x, double floor) {
+  x = vmax(x, splat<D>(floor));
+  if (!(floor >= 2.2250738585072014e-308)) return vlog(x);
+  return x < INFINITY ? vlog_normal(x) : x;
 }
 
 // log(1 + x) to full relative precision for small x (log(u) * x / (u - 1) with u = 1 + x rounded:
