@@ -208,6 +208,24 @@ def ce_gradient(tables, r, dg, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.
 
 
 @device_function
+def shared_evidence(tables, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per teacher, its evidence on the groups it shares: ``sum_g e_ig`` over its entries with
+    ``N_g > e_ig`` (a group it alone covers has ``N_g = e_ig`` exactly)."""
+    start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
+    group_ptr = sec(tables, S_ENT_GROUP)
+    cols = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float64)
+    for j0 in range(0, hdr(tables, P_TMAX_ENT), BLOCK_T):
+        j = j0 + cols[None, :]
+        live = j < size[:, None]
+        pos = start[:, None] + j
+        big_n = tl.load(ng + tl.load(group_ptr + pos, mask=live, other=0), mask=live, other=0.0)
+        e = tl.load(e_ent + pos, mask=live, other=0.0)
+        acc += tl.where(live & (big_n > e), e, 0.0)
+    return rsum(acc, 1)
+
+
+@device_function
 def store_vector(dst, vec, N, BLOCK_N: tl.constexpr):
     """A teacher vector into the workspace, visible to the whole program."""
     offs = tl.arange(0, BLOCK_N)
@@ -274,6 +292,7 @@ def newton_step(
     grad,
     dg,
     ng,
+    e_ent,
     yg,
     pairs,
     N,
@@ -281,8 +300,10 @@ def newton_step(
     SDT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """The Newton step grounded at the last teacher, capped at ``max_log_step`` in every t_i.
+    """The Newton step grounded at the teacher with the most evidence on shared groups (the last of
+    equals, as ``ground_teachers`` in ``csrc/core/ce.h``), capped at ``max_log_step`` in every t_i.
 
     The links ``W_ij = r_i r_j sum_{g covers i and j} N_g / D_g^2`` are summed per teacher pair
     over its shared groups (``SDT``), then the Laplacian is solved on a register tile. Returns
@@ -311,22 +332,26 @@ def newton_step(
         tl.store(pairs + rows, acc.to(tl.float64), mask=rows < count)
     tl.debug_barrier()
     offs = tl.arange(0, BLOCK_N)
-    n = N - 1
-    inner = offs < n
+    real = offs < N
+    # (formed here, not once per sample: one more value carried through ce_solve's loop spilled)
+    shared = shared_evidence(tables, ng, e_ent, N, BLOCK_N, BLOCK_T)
+    grounded = rmax(tl.where(real & (shared == rmax(tl.where(real, shared, -1.0), 0)), offs, -1), 0)
+    # the grounded teacher's links become the others' ground; it keeps none (the solve gives it 0)
+    free = real & (offs != grounded)
     index = tl.load(
         sec(tables, S_PG_INDEX) + offs[:, None] * N + offs[None, :],
-        mask=inner[:, None] & inner[None, :],
+        mask=free[:, None] & free[None, :],
         other=-1,
     )
     shared = tl.load(pairs + index, mask=index >= 0, other=0.0).to(SDT)
     rs = r.to(SDT)
     links = rs[:, None] * rs[None, :] * shared
-    last = tl.load(sec(tables, S_PG_INDEX) + offs * N + n, mask=inner, other=-1)
-    r_last = pick(rs, offs, n)
-    ground = rs * r_last * tl.load(pairs + last, mask=last >= 0, other=0.0).to(SDT)
-    rhs = tl.where(inner, -grad, 0.0).to(SDT)
-    x, _isolated = gth_solve(links, ground, rhs, n, BLOCK_N)  # isolated teachers get step 0, as the reference
-    step = tl.where(inner, x.to(tl.float64), 0.0)
+    to_ground = tl.load(sec(tables, S_PG_INDEX) + offs * N + grounded, mask=free, other=-1)
+    r_ground = pick(rs, offs, grounded)
+    ground = rs * r_ground * tl.load(pairs + to_ground, mask=to_ground >= 0, other=0.0).to(SDT)
+    rhs = tl.where(free, -grad, 0.0).to(SDT)
+    x, _isolated = gth_solve(links, ground, rhs, N, BLOCK_N)  # isolated teachers get step 0, as the reference
+    step = tl.where(free, x.to(tl.float64), 0.0)
     finite = rsum(tl.where(step == step, 0, 1), 0) == 0
     step = tl.where(finite, step, 0.0)
     longest = rmax(tl.abs(step), 0)
@@ -434,7 +459,9 @@ def ce_solve(
         r, Z, mass = point(tables, t, real, tv0, ng, dg, xg, N, BLOCK_N, BLOCK_R, BLOCK_T)
         relative, absolute = kkt(tables, w, mass, real, tv1, ng, mg, dg, N, BLOCK_N, BLOCK_R)
         grad = ce_gradient(tables, r, dg, ng, e_ent, N, BLOCK_N, BLOCK_T)
-        step, _finite = newton_step(tables, r, grad, dg, ng, yg, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R)
+        step, _finite = newton_step(
+            tables, r, grad, dg, ng, e_ent, yg, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R, BLOCK_T
+        )
         pred = predicted(tables, r, step, Z, real, tv1, ng, mg, dg, mm, N, BLOCK_N, BLOCK_R)
         if active != 0:
             residual = relative

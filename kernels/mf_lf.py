@@ -2,7 +2,7 @@
 
 As ``uhc_fast/reference/mf_lf.py`` and ``csrc/core/mf_lf.h``, in float64: per class the weighted
 mean logit ``zbar_l = sum_{i covers l} w_i z_il / W_l``; per teacher ``b_i = sum_{l in L_i} (z_il -
-zbar_l)``; the shifts ``c = S b`` with the layout's ``(N, N)`` system (last teacher grounded); then
+zbar_l)``; the shifts ``c = S b`` with the layout's ``(N, N)`` system (heaviest teacher grounded); then
 ``u_l = zbar_l - sum_{i covers l} w_i c_i / W_l`` and ``q = softmax(u)`` over covered classes.
 
 Memory-bound: the logits are read from HBM once into the program's value row; two passes over the

@@ -3,10 +3,11 @@
 The algorithm, rules and convergence test of ``uhc_fast/reference/mf_p.py`` and
 ``csrc/core/mf_p.h``, in float64: start from the `ce` estimate (the same device code as the `ce`
 kernel, run in the same program), the scales from one ALS half-sweep; then Newton steps in log
-scale on the N scales (the largest teacher's held: the gauge), an ALS half-sweep where the Hessian
-is not positive definite, steps capped at ``max_log_step``, Armijo backtracking on the objective
-evaluated as the sum of squares it is (slope clamped at 0); converged when the coordinate Newton
-steps and the step's largest change of a soft label are <= tol and the Hessian is positive definite.
+scale on the N scales (one held, the gauge: the heaviest teacher, of those the largest), an ALS
+half-sweep where the Hessian is not positive definite, steps capped at ``max_log_step``, Armijo
+backtracking on the objective evaluated as the sum of squares it is (slope clamped at 0);
+converged when the coordinate Newton steps and the step's largest change of a soft label are
+<= tol and the Hessian is positive definite.
 
 Work per Newton step: the fit ``q_l = A_l / B_l`` is a pass over the class table; gradient,
 Hessian diagonal and objective are teacher passes over the packed columns; the Hessian's
@@ -22,7 +23,6 @@ import triton.language as tl
 from . import ce as _ce
 from ._common import (
     P_C_CHUNKS,
-    P_HELD,
     P_K,
     P_N,
     P_PAIRS_C,
@@ -319,6 +319,11 @@ def _mf_p_kernel(
         w = tl.load(weights_ptr + offs, mask=real, other=0.0)
         _g, qq, pq, _hd, _f = teacher_stats(tables, vals, weights_ptr, q, big_b, w * 0.0, N, False, BLOCK_N, BLOCK_T)
         v = tl.where(real, pq / tl.maximum(qq, tiny), 0.0)
+        # the scale gauge: the heaviest teacher, of those the one with the most classes (the first)
+        heaviest = real & (w == rmax(tl.where(real, w, 0.0), 0))
+        _start, size = teacher_vector(tables, S_OFFSETS, N, BLOCK_N)
+        most = rmax(tl.where(heaviest, size, -1), 0)
+        held = -rmax(tl.where(heaviest & (size == most), -offs, -BLOCK_N), 0)
 
         iterations = 0
         converged = 0
@@ -331,7 +336,7 @@ def _mf_p_kernel(
             # (loaded here, not hoisted above the loops: fewer registers live across the line search)
             q, big_b, moved, v_store, dv_store, pairs = regions(ws, tables)
             w = tl.load(weights_ptr + offs, mask=real, other=0.0)
-            is_held = offs == hdr(tables, P_HELD)
+            is_held = offs == held
             _ce.store_vector(v_store, v, N, BLOCK_N)
             total = fit(tables, vals, weights_ptr, v_store, q, big_b, BLOCK_R)
             g, qq, pq, hd, f0 = teacher_stats(tables, vals, weights_ptr, q, big_b, v, N, True, BLOCK_N, BLOCK_T)

@@ -38,7 +38,6 @@ SCALARS = (
     "E",  # (group, teacher) entries
     "tmax_col",  # the most packed columns of one teacher
     "tmax_ent",  # the most entries of one teacher
-    "held",  # mf-p's scale gauge: the teacher with the most classes
     "g_chunks",  # SELL chunks of each table
     "c_chunks",
     "e_chunks",
@@ -241,8 +240,6 @@ def build(
     pc_sell = _sell(pc_rows, block, 3)
     sizes_per_teacher = np.diff(offsets)
     prior = np.flatnonzero(anchor == 2)
-    # the scale gauge of mf-p: the teacher with the most classes (the first of them)
-    held = int(np.argmax(sizes_per_teacher))
 
     sections = {
         "offsets": offsets,
@@ -290,7 +287,6 @@ def build(
         "E": int(ent_group.size),
         "tmax_col": int(sizes_per_teacher.max()),
         "tmax_ent": int(np.diff(tch_ptr).max()),
-        "held": held,
         "g_chunks": g_sell[0].size,
         "c_chunks": c_sell[0].size,
         "e_chunks": e_sell[0].size,

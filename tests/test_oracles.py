@@ -504,6 +504,95 @@ def test_regression_mf_lf_one_teacher_13_classes(backend, dtype):
     assert_close(soft, expected, ACCURACY[dtype], f"mf-lf/{backend}/{dtype} vs softmax(z)")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("heavy", [0, 2, 4])
+def test_regression_mf_lf_one_dominant_teacher(backend, heavy):
+    """Consistent logits (each teacher's fit exact), one teacher weighted 1e12 and the others
+    between 1e-12 and 1: the answer is the truth whatever the weights. With the last teacher
+    grounded, the dominant one's shift was solved from a difference of its own logits and the means
+    it dominates, which lost 1e-16 times the weight ratio (0.85 at 1e12 / 1e-12)."""
+    rng = np.random.default_rng(7 + heavy)
+    sets = [[0, 1, 2], [2, 3], [3, 4, 5, 0], [5, 6], [6, 7, 1]]
+    truth = rng.dirichlet(np.ones(8), size=4)
+    outputs = [np.log(truth[:, s]) + 3 * rng.standard_normal((4, 1)) for s in sets]
+    weights = np.array([1.0, 1e-12, 1e-6, 1e-9, 1e-3])
+    weights[heavy] = 1e12
+    problem = orc.Problem(sets=sets, num_classes=8, outputs=outputs, inputs="logits", truth=truth, weights=weights)
+    soft, info, _ = solve(problem, "mf-lf", backend, "float64")
+    assert_finite(soft, info, problem)
+    assert_close(soft, truth, 1e-12, f"mf-lf/{backend} with teacher {heavy} dominant vs truth")
+
+
+def consistent_probs_problem(sets, num_classes, weights, seed, batch=8) -> orc.Problem:
+    """Teachers' probabilities of one Dirichlet truth per row: every method's answer is the truth,
+    whatever the weights."""
+    truth = np.random.default_rng(seed).dirichlet(np.ones(num_classes), size=batch)
+    outputs = [truth[:, s] / truth[:, s].sum(axis=1, keepdims=True) for s in sets]
+    return orc.Problem(sets=sets, num_classes=num_classes, outputs=outputs, truth=truth, weights=np.array(weights))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    ("sets", "weights"),
+    [
+        ([[0, 1], [1, 2]], [1.0, 1e-12]),
+        ([[1, 2], [0, 1]], [1e-12, 1.0]),
+        ([[0, 1, 2], [1, 2, 3], [3, 4, 0]], [1e-6, 1e8, 1e-4]),
+        ([[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 0]], [1e12, 1e-12, 1e-12]),
+    ],
+)
+@pytest.mark.parametrize("method", ["ce", "mf-p"])
+def test_regression_extreme_weights_recover_consistent_teachers(method, sets, weights, backend):
+    """Weight ratios up to 1e24 on consistent teachers: converged, at the truth. With the last
+    teacher grounded whatever its weight, `ce` never converged beyond a ratio of about 1e8 (the
+    heavy teacher's gradient is a small difference of the terms it dominates), and `mf-p`, which
+    starts from `ce`, returned NaN rows on the compiled CPU backend."""
+    problem = consistent_probs_problem(sets, max(max(s) for s in sets) + 1, weights, seed=len(sets))
+    soft, info, _ = solve(problem, method, backend, "float64")
+    assert_finite(soft, info, problem)
+    assert bool(info["converged"].all()), info["residual"]
+    assert_close(soft, problem.truth, 1e-9, f"{method}/{backend} with weights {weights} vs truth")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_regression_ce_grounds_the_teacher_with_most_shared_evidence(backend):
+    """Two cases where the grounded teacher decides whether `ce` converges, and to what.
+
+    Confident consistent teachers (q = softmax(20 g)) over [[0, 1, 2], [1, 3], [2, 3, 4]]: the last
+    teacher is joined to the others only through classes of mass 1e-17 and less; grounded, its
+    gradient (the only one that sees those classes at full precision) went unused, and rows were
+    reported converged up to 2e-3 off. A tiny bridge with one heavy teacher (hypothesis found it):
+    grounding the heaviest teacher left the same split to the noise of the other two (3.5e-6 off,
+    reported converged). The rule: ground the teacher with the most evidence on shared classes."""
+    rng = np.random.default_rng(0)
+    truth = np.exp(20 * rng.standard_normal((200, 5)))
+    truth /= truth.sum(axis=1, keepdims=True)
+    sets = [[0, 1, 2], [1, 3], [2, 3, 4]]
+    outputs = [truth[:, s] / truth[:, s].sum(axis=1, keepdims=True) for s in sets]
+    problem = orc.Problem(sets=sets, num_classes=5, outputs=outputs, truth=truth)
+    soft, info, _ = solve(problem, "ce", backend, "float64")
+    converged = np.asarray(info["converged"])
+    # (the compiled backend stalls on a fifth of these rows and says so: README's known limits)
+    assert converged.mean() > (0.95 if backend == "torch" else 0.75)
+    assert_close(soft[converged], truth[converged], 1e-7, f"ce/{backend}: converged rows vs truth")
+
+    bridge = orc.Problem(
+        sets=[[0, 2, 3, 1], [6, 4, 0, 5], [3, 0, 2, 1]],
+        num_classes=7,
+        outputs=[
+            np.array([[-51.75771586, -7.39535879, -12.49393395, 1.20864392]]),
+            np.array([[-14.63920099, -19.53603459, -56.75590319, -7.60362427]]),
+            np.array([[0.76636117, -38.49742073, 5.86493633, 14.46893904]]),
+        ],
+        inputs="logits",
+        weights=np.array([0.81843922, 45.76804503, 0.49315369]),
+        temperature=2.5,
+    )
+    soft, info, seen = solve(bridge, "ce", backend, "float64")
+    assert bool(info["converged"].all())
+    assert_close(soft, orc.oracle_ce(bridge, seen), 1e-7, f"ce/{backend}: tiny bridge beside a heavy teacher")
+
+
 def two_scales_problem() -> orc.Problem:
     q = np.array([0.052, 0.0167, 0.0153, 0.266, 0.5522, 0.0978])
     sets = [[0, 1, 2, 3, 4], [3, 4, 5]]
@@ -580,7 +669,7 @@ def test_regression_mf_p_workload_backends_agree():
 
 
 # ---------------------------------------------------------------------------------------- arguments, prior
-@pytest.mark.parametrize("eps", [0.0, float("nan"), -1e-3])
+@pytest.mark.parametrize("eps", [0.0, float("nan"), -1e-3, 1.0, 2.5])
 @pytest.mark.parametrize("method", ["mf-lf", "mf-lu"])
 def test_invalid_eps_is_refused(method, eps):
     problem = orc.make_problem("random_subsets", 5, batch=2, noise=0.3)
@@ -680,6 +769,14 @@ def test_triton_interpreter_regressions():
     soft, _, _ = solve(problem, "ce", "triton", "float64")
     if not np.abs(soft - problem.truth).max() <= ACCURACY["float64"]:
         failures.append(f"ce tiny bridge q0=1e-10: {np.abs(soft - problem.truth).max():.3g}")
+    # extreme weights (test_regression_extreme_weights_recover_consistent_teachers): the gauges
+    for sets, weights in (([[1, 2], [0, 1]], [1e-12, 1.0]), ([[0, 1, 2], [1, 2, 3], [3, 4, 0]], [1e-6, 1e8, 1e-4])):
+        problem = consistent_probs_problem(sets, max(max(s) for s in sets) + 1, weights, seed=len(sets), batch=2)
+        for method in ("ce", "mf-p"):
+            soft, info, _ = solve(problem, method, "triton", "float64")
+            error = np.abs(soft - problem.truth).max()
+            if not (error <= 1e-9 and bool(info["converged"].all())):
+                failures.append(f"{method} weights {weights}: {error:.3g}, converged {info['converged'].tolist()}")
     assert not failures, failures
 
 

@@ -72,13 +72,16 @@ def test_mixed_devices_are_checked_without_a_gpu():
         ([[0, 1], [-1, 1]], {}, ValueError, r"teacher 1: negative class index -1"),
         ([[0, 1], [1, 3]], {}, ValueError, r"classes \[2\] are covered by no teacher"),
         ([[0, 1], ["a", "b"]], {}, TypeError, r"teacher 1: class sets mix indices and names"),
-        ([], {}, ValueError, r"class_sets is empty"),
+        ([], {}, ValueError, r"class_sets: empty"),
         ([[0, 1], 3], {}, TypeError, r"teacher 1: its class set must be a sequence"),
     ],
 )
 def test_bad_class_sets(class_sets, kwargs, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as caught:
         TeacherSet(class_sets, **kwargs)
+    if error is ValueError:  # bad values name the argument (and the teacher, where one is at fault)
+        assert isinstance(caught.value, InputError) and caught.value.argument == "class_sets"
+        assert caught.value.teacher == (1 if "teacher 1" in message else None)
 
 
 @pytest.mark.parametrize(
@@ -104,9 +107,10 @@ def test_bad_class_sets(class_sets, kwargs, error, message):
         ({"max_iter": -1}, "max_iter", r"max_iter=-1: must be an int >= 0"),
         ({"max_iter": 2.5}, "max_iter", r"max_iter=2.5: must be an int >= 0"),
         ({"max_iter": True}, "max_iter", r"max_iter=True: must be an int >= 0"),
-        ({"eps": 0.0}, "eps", r"eps=0.0: must be finite and > 0"),
-        ({"eps": float("nan")}, "eps", r"eps=nan: must be finite and > 0"),
-        ({"eps": -1}, "eps", r"eps=-1.0: must be finite and > 0"),
+        ({"eps": 0.0}, "eps", r"eps=0.0: must be in \(0, 1\)"),
+        ({"eps": float("nan")}, "eps", r"eps=nan: must be in \(0, 1\)"),
+        ({"eps": -1}, "eps", r"eps=-1.0: must be in \(0, 1\)"),
+        ({"eps": 1}, "eps", r"eps=1.0: must be in \(0, 1\)"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, argument, message):

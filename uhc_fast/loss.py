@@ -35,7 +35,8 @@ class UHCLoss(nn.Module):
 
     ``loss_fn(student_logits, outputs)`` with ``student_logits`` of shape ``(B, K)`` and
     ``outputs`` as for :func:`uhc_fast.estimate` (N arrays shaped ``(B, |L_i|)``). Minimising it
-    over free logits gives ``softmax(u) = estimate(outputs, class_sets, method="ce")``.
+    over free logits gives ``softmax(u / T) = estimate(outputs, class_sets, method="ce",
+    temperature=T)`` (``softmax(u)`` at the default ``T = 1``).
 
     Args:
         class_sets: N class sets (indices or names) or a :class:`TeacherSet`.

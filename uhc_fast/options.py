@@ -61,7 +61,7 @@ class Options:
         set_("inputs", _inputs(self.inputs, TOPK_INPUT_KINDS if self.topk else INPUT_KINDS))
         set_("weights", _weights(self.weights))
         set_("temperature", _positive("temperature", self.temperature))
-        set_("eps", _positive("eps", self.eps))
+        set_("eps", _real("eps", self.eps, lambda x: 0 < x < 1, "in (0, 1)"))  # a floor of 1 or more flattens every row
         if self.alpha is not None:
             set_("alpha", _real("alpha", self.alpha, lambda x: x >= 0, "finite and >= 0"))
         if self.tol is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import DisconnectedClassesWarning, UnidentifiableScalesWarning
+from .errors import DisconnectedClassesWarning, InputError, UnidentifiableScalesWarning
 
 # The sections of the structure buffer, in order (csrc/core/structure.h reads the same list; a test
 # compares them). Lengths follow from the header (N, K, nnz, G, E): E = sum over groups of their
@@ -86,9 +86,11 @@ class Layout:
         ``A c = diag(w) b`` with ``b_i = sum_{l in L_i} (z_il - zbar_l)`` (``zbar`` the weighted mean
         of the teachers' logits of each class) and ``A`` the weighted graph Laplacian of the
         teachers, ``A_ij = -w_i w_j sum_{l in L_i and L_j} 1 / W_l`` (``W_l = sum_{i covers l} w_i``).
-        Its null space is the common shift of ``c``, which softmax ignores: the last teacher is
-        grounded (``c_{N-1} = 0``) and the rest solved exactly in float64, so extreme weights cost
-        no accuracy (a pseudo-inverse would amplify the rounding in that null space).
+        Its null space is the common shift of ``c``, which softmax ignores: the heaviest teacher is
+        grounded (its ``c_i = 0``) and the rest solved exactly in float64 (a pseudo-inverse would
+        amplify the rounding in that null space). The error then grows with the ratio of an
+        ungrounded teacher's weight to the lighter weights it shares classes with (about 1e-16 times
+        that ratio), so one dominant teacher costs no accuracy, and several dominant ones do.
         """
         values = tuple(weights.tolist()) if isinstance(weights, torch.Tensor) else tuple(weights)
         key = (values, dtype)  # (plain floats: under torch.compile the lookup is a constant)
@@ -102,15 +104,22 @@ def _mf_lf_system(mask: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from .linalg import grounded_laplacian_solve
 
     n = mask.shape[0]
+    # the teachers by weight, the heaviest last: it is the one grounded (and in a component without
+    # it, the elimination grounds that component's heaviest). A heavy teacher's b_i is a small
+    # difference of its own logits and the means it dominates, so its shift must not be solved for.
+    order = torch.argsort(w, stable=True)
+    w, mask = w[order], mask[order]
     class_weight = (w @ mask).clamp_min(torch.finfo(torch.float64).tiny)
     links = (mask * w[:, None] / class_weight) @ (mask * w[:, None]).T  # w_i w_j sum_l M_il M_jl / W_l
     links.fill_diagonal_(0)
-    system = torch.zeros(n, n, dtype=torch.float64)
+    ordered = torch.zeros(n, n, dtype=torch.float64)
     if n > 1:
         inverse = grounded_laplacian_solve(
             links[None, :-1, :-1], links[None, :-1, -1], torch.eye(n - 1, dtype=torch.float64)[None]
         )[0][0]
-        system[:-1, :-1] = inverse * w[:-1]  # c = A^-1 diag(w) b on the ungrounded teachers
+        ordered[:-1, :-1] = inverse * w[:-1]  # c = A^-1 diag(w) b on the ungrounded teachers
+    system = torch.zeros(n, n, dtype=torch.float64)
+    system[order[:, None], order[None, :]] = ordered
     return system
 
 
@@ -202,7 +211,7 @@ class TeacherSet:
         if isinstance(class_sets, (str, bytes)) or not isinstance(class_sets, Sequence):
             raise TypeError("class_sets must be a sequence of per-teacher class sequences")
         if len(class_sets) == 0:
-            raise ValueError("class_sets is empty: at least one teacher is needed")
+            raise InputError("empty: at least one teacher is needed", argument="class_sets")
         declared = num_classes is not None or classes is not None
         sets = []
         for i, cs in enumerate(class_sets):
@@ -210,7 +219,7 @@ class TeacherSet:
                 raise TypeError(f"teacher {i}: its class set must be a sequence, got {type(cs).__name__}")
             cs = cs.tolist() if isinstance(cs, torch.Tensor) else list(cs)
             if len(cs) == 0:
-                raise ValueError(f"teacher {i}: empty class set")
+                raise InputError("empty class set", teacher=i, argument="class_sets")
             sets.append(cs)
 
         by_index = all(_is_int(c) for cs in sets for c in cs)
@@ -221,14 +230,15 @@ class TeacherSet:
             top = max(max(cs) for cs in self.class_sets) + 1
             for i, cs in enumerate(self.class_sets):
                 if min(cs) < 0:
-                    raise ValueError(f"teacher {i}: negative class index {min(cs)}")
+                    raise InputError(f"negative class index {min(cs)}", teacher=i, argument="class_sets")
             if num_classes is None:
                 num_classes = top
             elif num_classes < top:
                 bad = next(i for i, cs in enumerate(self.class_sets) if max(cs) >= num_classes)
-                raise ValueError(
-                    f"teacher {bad}: class index {max(self.class_sets[bad])} is out of range for "
-                    f"num_classes={num_classes}"
+                raise InputError(
+                    f"class index {max(self.class_sets[bad])} is out of range for num_classes={num_classes}",
+                    teacher=bad,
+                    argument="class_sets",
                 )
             self.classes: tuple[Hashable, ...] = tuple(range(num_classes))
         else:
@@ -248,7 +258,7 @@ class TeacherSet:
             for i, cs in enumerate(sets):
                 missing = [c for c in cs if c not in position]
                 if missing:
-                    raise ValueError(f"teacher {i}: classes {missing[:5]} are not in classes=")
+                    raise InputError(f"classes {missing[:5]} are not in classes=", teacher=i, argument="class_sets")
             self.class_sets = tuple(tuple(position[c] for c in cs) for cs in sets)
             self.classes = tuple(order)
             num_classes = len(order)
@@ -256,7 +266,7 @@ class TeacherSet:
         for i, cs in enumerate(self.class_sets):
             if len(set(cs)) != len(cs):
                 dup = next(c for c in cs if cs.count(c) > 1)
-                raise ValueError(f"teacher {i}: class {self.classes[dup]!r} is listed twice")
+                raise InputError(f"class {self.classes[dup]!r} is listed twice", teacher=i, argument="class_sets")
 
         self.num_classes = int(num_classes)
         self.num_teachers = len(self.class_sets)
@@ -266,9 +276,10 @@ class TeacherSet:
         self.mask = mask
         self.uncovered = tuple(torch.nonzero(~mask.any(0)).flatten().tolist())
         if self.uncovered and not declared:
-            raise ValueError(
+            raise InputError(
                 f"classes {list(self.uncovered)[:10]} are covered by no teacher and cannot be "
-                "estimated; pass num_classes= to declare them (they then get zero mass)"
+                "estimated; pass num_classes= to declare them (they then get zero mass)",
+                argument="class_sets",
             )
         self.components = class_components(self.class_sets, self.num_classes, self.uncovered)
         self.prior: int | None = None  # the index of the alpha prior teacher, in a set made by with_prior()

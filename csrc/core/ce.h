@@ -207,10 +207,25 @@ struct CeSolver {
     for (int i = 0; i < s().N; ++i) sc.grad[i] = D(sc.r[i]) * D(sc.shared[i]) - D(sc.evidence_shared[i]);
   }
 
-  // The Newton step (grounded at the last teacher), capped at kMaxLogStep.
+  // Per lane, the teacher whose step is 0 (F is invariant to a common shift of t): the one with the
+  // most evidence on the classes it shares, the last of equals. Its gradient is formed from the
+  // largest terms, so it is the least precise: a heavy teacher among light ones, or a teacher of a
+  // well-covered block beside one joined to it only through classes of tiny mass, whose gradient
+  // alone can say how the mass splits.
+  UHC_HD D ground_teachers() const {
+    D most = sc.evidence_shared[0], k = num(0);
+    for (int i = 1; i < s().N; ++i) {
+      const D e = sc.evidence_shared[i];
+      const auto more = e >= most;
+      most = select(more, e, most), k = select(more, num(i), k);
+    }
+    return k;
+  }
+
+  // The Newton step, grounded at ground_teachers(), capped at kMaxLogStep.
   UHC_HD void newton_step() const {
     const Structure& st = s();
-    const int N = st.N, n = N - 1;
+    const int N = st.N;
     // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2 (sc.curvature, from point())
     if (st.pair_ptr) {
       for (int i = 0, p = 0; i < N; ++i)
@@ -226,20 +241,32 @@ struct CeSolver {
         }
       }
     }
-    // links_ij = r_i r_j C_ij over the ungrounded teachers, rewritten in place as an n x n matrix
-    // (each write lands on an entry of C already read); the last teacher's links are the ground
-    for (int i = 0; i < n; ++i) {
-      const S ri = lanes_cast<S>(D(sc.r[i]));
-      for (int j = i + 1; j < n; ++j) sc.links[i * n + j] = ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]);
-      sc.ground[i] = ri * lanes_cast<S>(D(sc.r[n])) * S(sc.links[i * N + n]);
-      sc.rhs[i] = lanes_cast<S>(-D(sc.grad[i]));
+    // each lane's grounded teacher's links become the others' ground; it is left with no links and
+    // no ground, which the elimination solves with step 0 (links_ij = r_i r_j C_ij for the rest)
+    const D grounded = ground_teachers();
+    const S zero = splat<S>(0.0), k = lanes_cast<S>(grounded);
+    S rk = zero;
+    for (int j = 0; j < N; ++j) rk = select(k == S(splat<S>(j)), lanes_cast<S>(D(sc.r[j])), rk);
+    for (int i = 0; i < N; ++i) {
+      S link = zero;  // C_ik
+      for (int j = 0; j < N; ++j)
+        if (j != i) link = select(k == S(splat<S>(j)), S(sc.links[i < j ? i * N + j : j * N + i]), link);
+      const auto is_k = k == S(splat<S>(i));
+      sc.ground[i] = select(is_k, zero, lanes_cast<S>(D(sc.r[i])) * rk * link);
+      sc.rhs[i] = select(is_k, zero, lanes_cast<S>(-D(sc.grad[i])));
     }
-    grounded_laplacian_solve<S>(sc.links, sc.ground, sc.rhs, sc.pivot, sc.sol, n);
+    for (int i = 0; i < N; ++i) {
+      const S ri = lanes_cast<S>(D(sc.r[i]));
+      const auto is_k = k == S(splat<S>(i));
+      for (int j = i + 1; j < N; ++j)
+        sc.links[i * N + j] = select(is_k | (k == S(splat<S>(j))), zero, ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]));
+    }
+    grounded_laplacian_solve<S>(sc.links, sc.ground, sc.rhs, sc.pivot, sc.sol, N);
     D longest = num(0);
-    for (int i = 0; i < n; ++i) sc.step[i] = lanes_cast<D>(S(sc.sol[i])), longest = vmax(longest, vabs(D(sc.step[i])));
-    sc.step[n] = num(0);
+    for (int i = 0; i < N; ++i)
+      sc.step[i] = select(grounded == num(i), num(0), lanes_cast<D>(S(sc.sol[i]))), longest = vmax(longest, vabs(D(sc.step[i])));
     const D cap = num(kMaxLogStep) / vmax(longest, num(kMaxLogStep));
-    for (int i = 0; i < n; ++i) sc.step[i] = D(sc.step[i]) * cap;
+    for (int i = 0; i < N; ++i) sc.step[i] = D(sc.step[i]) * cap;
   }
 
   // One pass over the groups after the Newton step, for the convergence test and the full step's

@@ -1,6 +1,6 @@
 // `mf-lf`: least squares in logit space with one shift per teacher, in closed form
 // (uhc_fast/reference/mf_lf.py): u_l = zbar_l - sum_{i covers l} w_i c_i / W_l with c = S b,
-// S the eliminated system Python computes once per mask and weights (the last teacher grounded).
+// S the eliminated system Python computes once per mask and weights (the heaviest teacher grounded).
 // Every pass runs teacher by teacher, like `sd`'s: a teacher's logits are added to the classes
 // while its row is in cache, and are never stored for the whole sample.
 #pragma once

@@ -85,9 +85,13 @@ struct MfPSolver {
     const CeSolver<W, S, Out, Arena> start{tile, sc.ce};
     start.packed_evidence(sc.p);
     start.solve(active, tol, kDefaultMaxIter);  // the start, in sc.ce.n
-    int held = 0;  // the scale gauge: the teacher with the most classes keeps its scale
-    for (int i = 1; i < N; ++i)
-      if (st.offsets[i + 1] - st.offsets[i] > st.offsets[held + 1] - st.offsets[held]) held = i;
+    // the scale gauge: the heaviest teacher keeps its scale, of those the one with the most classes
+    // (the first); see uhc_fast/reference/mf_p.py for why the heaviest
+    int held = 0;
+    for (int i = 1; i < N; ++i) {
+      const int size = st.offsets[i + 1] - st.offsets[i], held_size = st.offsets[held + 1] - st.offsets[held];
+      if (w[i] > w[held] || (w[i] == w[held] && size > held_size)) held = i;
+    }
     const D zero = num(0), one = num(1), tiny = num(2.2250738585072014e-308);
     for (int i = 0; i < N; ++i) {  // the v-half of an ALS sweep from the ce estimate
       D pq = zero, qq = zero;

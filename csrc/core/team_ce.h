@@ -125,7 +125,10 @@ struct TeamCe {
   // ce.h's newton_step(): the grounded Newton system over teacher pairs, solved; the capped step.
   UHC_HD void newton_step() const {
     const Structure& st = s();
-    const int N = st.N, n = N - 1;
+    const int N = st.N;
+    int ground = 0;  // ce.h's ground_teachers(): the most evidence on shared classes, the last of equals
+    for (int i = 1; i < N; ++i)
+      if (sc.evidence_shared[i] >= sc.evidence_shared[ground]) ground = i;
     for (int i = 0, p = 0; i < N; ++i)
       for (int j = i + 1; j < N; ++j, ++p) {
         if (p % size() != lane()) continue;
@@ -137,18 +140,21 @@ struct TeamCe {
         sc.links[i * N + j] = c;
       }
     team.sync();
-    for (int i = lane(); i < n; i += size()) {
-      for (int j = i + 1; j < n; ++j) sc.system[i * n + j] = sc.r[i] * sc.r[j] * sc.links[i * N + j];
-      sc.ground[i] = sc.r[i] * sc.r[n] * sc.links[i * N + n];
-      sc.rhs[i] = -sc.grad[i];
+    // as ce.h: the grounded teacher's links become the others' ground, and it keeps none
+    for (int i = lane(); i < N; i += size()) {
+      for (int j = i + 1; j < N; ++j)
+        sc.system[i * N + j] = i == ground || j == ground ? 0.0 : sc.r[i] * sc.r[j] * sc.links[i * N + j];
+      const double link = i == ground ? 0.0 : sc.links[i < ground ? i * N + ground : ground * N + i];
+      sc.ground[i] = sc.r[i] * sc.r[ground] * link;
+      sc.rhs[i] = i == ground ? 0.0 : -sc.grad[i];
     }
     team.sync();
-    team_grounded_laplacian_solve(team, sc.system, sc.ground, sc.rhs, sc.pivot, sc.sol, n);
+    team_grounded_laplacian_solve(team, sc.system, sc.ground, sc.rhs, sc.pivot, sc.sol, N);
     double longest = 0;
-    for (int i = lane(); i < n; i += size()) longest = vmax(longest, vabs(sc.sol[i]));
+    for (int i = lane(); i < N; i += size()) longest = vmax(longest, i == ground ? 0.0 : vabs(sc.sol[i]));
     longest = team.max(longest);
     const double cap = kMaxLogStep / vmax(longest, kMaxLogStep);
-    for (int i = lane(); i < N; i += size()) sc.step[i] = i < n ? sc.sol[i] * cap : 0.0;
+    for (int i = lane(); i < N; i += size()) sc.step[i] = i == ground ? 0.0 : sc.sol[i] * cap;
     team.sync();
   }
 

@@ -16,7 +16,7 @@ def fit(problem: PackedProblem) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``u_l = zbar_l - sum_{i covers l} w_i c_i / W_l`` with ``zbar`` the weighted mean of the
     teachers' logits of class l, and ``c`` from the eliminated system of
-    :meth:`~uhc_fast.problem.Layout.mf_lf_system` (the last teacher's shift is 0: the gauge).
+    :meth:`~uhc_fast.problem.Layout.mf_lf_system` (the heaviest teacher's shift is 0: the gauge).
     """
     z, layout, w = problem.values, problem.layout, problem.weights
     wt = w[layout.teacher_index]

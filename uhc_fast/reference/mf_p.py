@@ -3,7 +3,10 @@
 ``min_{q in simplex, v >= 0} sum_i w_i sum_{l in L_i} (p_il - v_i q_l)^2``. For fixed scales the
 optimal ``q_l = A_l / B_l`` (``A_l = sum_{i covers l} w_i v_i p_il``, ``B_l = sum w_i v_i^2``) is a
 closed form (then normalised; ``v`` absorbs the scale), which leaves a function of the N scales,
-invariant to scaling them all: one scale, the largest teacher's, is held.
+invariant to scaling them all: one scale is held, the heaviest teacher's (of those, the one with
+the most classes, the first of them). A lighter teacher's held scale would leave the heaviest one's
+curvature to a difference of the terms it dominates (with weights 1 and 1e-12 the compiled solver
+stalled at a residual of 1e-4).
 
 Solved by Newton steps in log scale (``v -> v exp(step)``: scales stay positive, and the optimum's
 are) from the `ce` estimate, which is exact on consistent teachers; where the Hessian is not
@@ -51,7 +54,7 @@ def _newton(p, q, layout, w, tol, max_iter):
     wt, tiny = w[ti], torch.finfo(p.dtype).tiny
     dense = ti * classes + ci  # packed column -> position in a (N, K) matrix
     count = layout.mask_as(p.dtype).sum(dim=1)
-    held = torch.arange(teachers, device=p.device) == int(torch.argmax(count))  # the scale gauge
+    held = torch.arange(teachers, device=p.device) == int(torch.argmax(torch.where(w == w.max(), count, -1)))
 
     def fit(p_, v_):
         """The optimal q for scales v (not normalised: ``v q`` fits p), and B_l at those scales."""
