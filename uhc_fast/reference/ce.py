@@ -129,7 +129,8 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
         ga = grounded[active]
         to_ground = links.gather(2, ground[active][:, None, None].expand(-1, teachers, 1)).squeeze(2)
         links = links.masked_fill(ga.unsqueeze(2) | ga.unsqueeze(1), 0)
-        solved, _ = grounded_laplacian_solve(links, to_ground.masked_fill(ga, 0), (-grad).to(sys_dtype).masked_fill(ga, 0))
+        rhs = (-grad).to(sys_dtype).masked_fill(ga, 0)
+        solved, _ = grounded_laplacian_solve(links, to_ground.masked_fill(ga, 0), rhs)
         step = solved.double().masked_fill(ga, 0)
         step = step * (MAX_LOG_STEP / step.abs().amax(dim=1, keepdim=True).clamp_min(MAX_LOG_STEP))
         with full_precision():
