@@ -189,8 +189,14 @@ def teacher_group_sum(tables, garr, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.conste
 
 
 @device_function
-def ce_gradient(tables, r, dg, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``g_i = sum_{g covers i} (pi_ig N_g - e_ig)``, each group's difference formed before the sum."""
+def entry_sums(
+    tables, r, dg, ng, e_ent, N, SHARED_EVIDENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """Per teacher, a sum over its (group, teacher) entries: the gradient ``g_i = sum_{g covers i}
+    (pi_ig N_g - e_ig)``, each group's difference formed before the sum; or (``SHARED_EVIDENCE``)
+    its evidence on the groups it shares, the entries with ``N_g > e_ig`` (a group it alone covers
+    has ``N_g = e_ig`` exactly). Two calls, not one returning both: the second sum carried from one
+    to the other spilled in ``ce_solve``'s loop."""
     start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
     group_ptr = sec(tables, S_ENT_GROUP)
     cols = tl.arange(0, BLOCK_T)
@@ -200,28 +206,13 @@ def ce_gradient(tables, r, dg, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.
         live = j < size[:, None]
         pos = start[:, None] + j
         g = tl.load(group_ptr + pos, mask=live, other=0)
-        d = tl.load(dg + g, mask=live, other=1.0)
         big_n = tl.load(ng + g, mask=live, other=0.0)
         e = tl.load(e_ent + pos, mask=live, other=0.0)
-        acc += tl.where(live, r[:, None] / d * big_n - e, 0.0)
-    return rsum(acc, 1)
-
-
-@device_function
-def shared_evidence(tables, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Per teacher, its evidence on the groups it shares: ``sum_g e_ig`` over its entries with
-    ``N_g > e_ig`` (a group it alone covers has ``N_g = e_ig`` exactly)."""
-    start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
-    group_ptr = sec(tables, S_ENT_GROUP)
-    cols = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float64)
-    for j0 in range(0, hdr(tables, P_TMAX_ENT), BLOCK_T):
-        j = j0 + cols[None, :]
-        live = j < size[:, None]
-        pos = start[:, None] + j
-        big_n = tl.load(ng + tl.load(group_ptr + pos, mask=live, other=0), mask=live, other=0.0)
-        e = tl.load(e_ent + pos, mask=live, other=0.0)
-        acc += tl.where(live & (big_n > e), e, 0.0)
+        if SHARED_EVIDENCE:
+            acc += tl.where(live & (big_n > e), e, 0.0)
+        else:
+            d = tl.load(dg + g, mask=live, other=1.0)
+            acc += tl.where(live, r[:, None] / d * big_n - e, 0.0)
     return rsum(acc, 1)
 
 
@@ -303,7 +294,7 @@ def newton_step(
     BLOCK_T: tl.constexpr,
 ):
     """The Newton step grounded at the teacher with the most evidence on shared groups (the last of
-    equals, as ``ground_teachers`` in ``csrc/core/ce.h``), capped at ``max_log_step`` in every t_i.
+    equals, as ``ground_teacher`` in ``csrc/core/ce.h``), capped at ``max_log_step`` in every t_i.
 
     The links ``W_ij = r_i r_j sum_{g covers i and j} N_g / D_g^2`` are summed per teacher pair
     over its shared groups (``SDT``), then the Laplacian is solved on a register tile. Returns
@@ -334,8 +325,9 @@ def newton_step(
     offs = tl.arange(0, BLOCK_N)
     real = offs < N
     # (formed here, not once per sample: one more value carried through ce_solve's loop spilled)
-    shared = shared_evidence(tables, ng, e_ent, N, BLOCK_N, BLOCK_T)
-    grounded = rmax(tl.where(real & (shared == rmax(tl.where(real, shared, -1.0), 0)), offs, -1), 0)
+    shared_evidence = entry_sums(tables, r, dg, ng, e_ent, N, True, BLOCK_N, BLOCK_T)
+    most = rmax(tl.where(real, shared_evidence, -1.0), 0)
+    grounded = rmax(tl.where(real & (shared_evidence == most), offs, -1), 0)
     # the grounded teacher's links become the others' ground; it keeps none (the solve gives it 0)
     free = real & (offs != grounded)
     index = tl.load(
@@ -458,7 +450,7 @@ def ce_solve(
     while running != 0:
         r, Z, mass = point(tables, t, real, tv0, ng, dg, xg, N, BLOCK_N, BLOCK_R, BLOCK_T)
         relative, absolute = kkt(tables, w, mass, real, tv1, ng, mg, dg, N, BLOCK_N, BLOCK_R)
-        grad = ce_gradient(tables, r, dg, ng, e_ent, N, BLOCK_N, BLOCK_T)
+        grad = entry_sums(tables, r, dg, ng, e_ent, N, False, BLOCK_N, BLOCK_T)
         step, _finite = newton_step(
             tables, r, grad, dg, ng, e_ent, yg, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R, BLOCK_T
         )

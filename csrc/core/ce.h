@@ -76,6 +76,22 @@ UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D
 // within (G + N) ulps of spread.
 UHC_HD double quad_rounding(const Structure& s) { return 1e-12 + 4.5e-16 * (s.G + s.N); }
 
+// Per lane (V: lanes or one double), the teacher whose Newton step is 0 (F is invariant to a common
+// shift of t): the one with the most evidence on the classes it shares, the last of equals. Its
+// gradient is formed from the largest terms, so it is the least precise: a heavy teacher among
+// light ones, or a teacher of a well-covered block beside one joined to it only through classes of
+// tiny mass, whose gradient alone can say how the mass splits.
+template <class V, class Values>
+UHC_HD V ground_teacher(const Values& evidence_shared, int N) {
+  V most = evidence_shared[0], k = splat<V>(0.0);
+  for (int i = 1; i < N; ++i) {
+    const V e = evidence_shared[i];
+    const auto more = e >= most;
+    most = select(more, e, most), k = select(more, splat<V>(i), k);
+  }
+  return k;
+}
+
 template <int W, class S, class Out, class Arena>
 struct CeSolver {
   using D = typename Lanes<W>::D;
@@ -207,22 +223,7 @@ struct CeSolver {
     for (int i = 0; i < s().N; ++i) sc.grad[i] = D(sc.r[i]) * D(sc.shared[i]) - D(sc.evidence_shared[i]);
   }
 
-  // Per lane, the teacher whose step is 0 (F is invariant to a common shift of t): the one with the
-  // most evidence on the classes it shares, the last of equals. Its gradient is formed from the
-  // largest terms, so it is the least precise: a heavy teacher among light ones, or a teacher of a
-  // well-covered block beside one joined to it only through classes of tiny mass, whose gradient
-  // alone can say how the mass splits.
-  UHC_HD D ground_teachers() const {
-    D most = sc.evidence_shared[0], k = num(0);
-    for (int i = 1; i < s().N; ++i) {
-      const D e = sc.evidence_shared[i];
-      const auto more = e >= most;
-      most = select(more, e, most), k = select(more, num(i), k);
-    }
-    return k;
-  }
-
-  // The Newton step, grounded at ground_teachers(), capped at kMaxLogStep.
+  // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep.
   UHC_HD void newton_step() const {
     const Structure& st = s();
     const int N = st.N;
@@ -243,7 +244,7 @@ struct CeSolver {
     }
     // each lane's grounded teacher's links become the others' ground; it is left with no links and
     // no ground, which the elimination solves with step 0 (links_ij = r_i r_j C_ij for the rest)
-    const D grounded = ground_teachers();
+    const D grounded = ground_teacher<D>(sc.evidence_shared, N);
     const S zero = splat<S>(0.0), k = lanes_cast<S>(grounded);
     S rk = zero;
     for (int j = 0; j < N; ++j) rk = select(k == S(splat<S>(j)), lanes_cast<S>(D(sc.r[j])), rk);

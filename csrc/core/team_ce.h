@@ -126,9 +126,7 @@ struct TeamCe {
   UHC_HD void newton_step() const {
     const Structure& st = s();
     const int N = st.N;
-    int ground = 0;  // ce.h's ground_teachers(): the most evidence on shared classes, the last of equals
-    for (int i = 1; i < N; ++i)
-      if (sc.evidence_shared[i] >= sc.evidence_shared[ground]) ground = i;
+    const int ground = static_cast<int>(ground_teacher<double>(sc.evidence_shared, N));
     for (int i = 0, p = 0; i < N; ++i)
       for (int j = i + 1; j < N; ++j, ++p) {
         if (p % size() != lane()) continue;
