@@ -20,7 +20,7 @@ from uhc_fast.inputs import CHECKS, convert
 from uhc_fast.options import Options
 from uhc_fast.problem import STRUCTURE_HEADER
 
-from .problems import FLOAT_DTYPES, make, max_diff, tolerance
+from .problems import FLOAT_DTYPES, Case, make, max_diff, tolerance
 
 try:
     module = native_launch.load_module("cpu")
@@ -219,6 +219,20 @@ def test_cuda_ce_team_of_a_whole_block_matches_the_cpu_backend():
     for name in ("residual", "step", "abs_residual"):
         at = native_launch.OUTPUTS.index(name)
         torch.testing.assert_close(got[at], expected[at], rtol=1e-6, atol=1e-12, msg=name)
+
+
+def test_cuda_ce_team_on_cpu_converges_across_tiny_bridges():
+    """Confident consistent teachers joined only through classes of mass 1e-17 and less (see
+    test_oracles.test_regression_ce_tiny_bridges_carry_the_split): the team carried D_g from step
+    to step and stalled on a fifth of the rows; D_g summed afresh, every row converges to the truth."""
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.softmax(20 * torch.randn(64, 5, generator=generator, dtype=torch.float64), dim=1)
+    sets = [[0, 1, 2], [1, 3], [2, 3, 4]]
+    outputs = [truth[:, s] / truth[:, s].sum(dim=1, keepdim=True) for s in sets]
+    problem = Case(sets=sets, num_classes=5, truth=truth, outputs=outputs)
+    got = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce"), grid_threads=4, lanes=1)
+    assert bool(got[native_launch.OUTPUTS.index("converged")].all())
+    assert max_diff(got[0], truth) < 1e-7
 
 
 @pytest.mark.parametrize("method", TEAM_METHODS)

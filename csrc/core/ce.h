@@ -21,9 +21,9 @@ struct CeScratch {
   using D = typename Lanes<W>::D;
   View<Arena, D> n;                             // class evidence (K)
   View<Arena, D> row;                           // one teacher's rows (at most K values)
-  View<Arena, D> Ng, Mg, Dg, inv, x, mg, acc, next;  // per group: evidence, largest class evidence, D_g,
-                                                     // 1 / D_g, N_g / D_g, step mean, trial sums, next D_g
-  View<Arena, D> t, r, grad, step, mass, shared, evidence_shared, ex, wm, rs;  // per teacher
+  View<Arena, D> Ng, Mg, Dg, inv, x, mg, trial, next;  // per group: evidence, largest class evidence, D_g,
+                                                       // 1 / D_g, N_g / D_g, step mean, the trial's D_g, next D_g
+  View<Arena, D> t, r, grad, step, mass, shared, shared_low, evidence_shared, evidence_low, ex, moved, wm, rs;  // per teacher
   View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
   View<Arena, S> links, ground, rhs, pivot, sol;  // the grounded Newton system
   UHC_HD CeScratch(Arena& a, const Structure& s)
@@ -35,7 +35,7 @@ struct CeScratch {
         inv(a.template take<D>(s.G)),
         x(a.template take<D>(s.G)),
         mg(a.template take<D>(s.G)),
-        acc(a.template take<D>(s.G)),
+        trial(a.template take<D>(s.G)),
         next(a.template take<D>(s.G)),
         t(a.template take<D>(s.N)),
         r(a.template take<D>(s.N)),
@@ -43,8 +43,11 @@ struct CeScratch {
         step(a.template take<D>(s.N)),
         mass(a.template take<D>(s.N)),
         shared(a.template take<D>(s.N)),
+        shared_low(a.template take<D>(s.N)),
         evidence_shared(a.template take<D>(s.N)),
+        evidence_low(a.template take<D>(s.N)),
         ex(a.template take<D>(s.N)),
+        moved(a.template take<D>(s.N)),
         wm(a.template take<D>(s.N)),
         rs(a.template take<D>(s.N)),
         curvature(a.template take<S>(s.G)),
@@ -102,15 +105,26 @@ struct CeSolver {
   UHC_HD const Structure& s() const { return tile.s(); }
   static UHC_HD D num(double x) { return splat<D>(x); }
 
-  UHC_HD bool shared_class(int l) const {
+  // Adds teacher i's evidence, wi times its columns' values value(j - offsets[i]), to n, and sets
+  // its evidence on the groups it shares, as a sum and its rounding error (two_sum): what the
+  // gradient needs.
+  template <class Value>
+  UHC_HD void add_teacher(int i, const D& wi, Value value) const {
     const Structure& st = s();
-    const int g = st.class_group[l];
-    return st.grp_ptr[g + 1] - st.grp_ptr[g] > 1;
+    const int lo = st.offsets[i];
+    D on_shared = num(0), low = num(0);
+    for (int j = lo; j < st.offsets[i + 1]; ++j) {
+      const int l = st.class_index[j], g = st.class_group[l];
+      const D v = wi * value(j - lo);
+      sc.n[l] = D(sc.n[l]) + v;
+      if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) two_sum(on_shared, low, v);
+    }
+    sc.evidence_shared[i] = on_shared, sc.evidence_low[i] = low;
   }
 
-  // n (per class) and, per teacher, its evidence on the classes it shares with other teachers (what
-  // the gradient needs), read from the teachers' rows one teacher at a time (every lane's row into
-  // sc.row); returns the lanes whose rows passed the checks.
+  // n (per class) and, per teacher, its evidence on the groups it shares, read from the teachers'
+  // rows one teacher at a time (every lane's row into sc.row); returns the lanes whose rows passed
+  // the checks.
   UHC_HD M read_evidence() const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
@@ -119,16 +133,7 @@ struct CeSolver {
     for (int i = 0; i < st.N; ++i) {
       D scale = num(1);
       valid = valid & tile.load_teacher(i, sc.row, &scale);
-      const int lo = st.offsets[i];
-      const D wi = num(w[i]) * scale;
-      D on_shared = num(0);
-      for (int j = lo; j < st.offsets[i + 1]; ++j) {
-        const int l = st.class_index[j];
-        const D v = wi * D(sc.row[j - lo]);
-        sc.n[l] = D(sc.n[l]) + v;
-        if (shared_class(l)) on_shared += v;
-      }
-      sc.evidence_shared[i] = on_shared;
+      add_teacher(i, num(w[i]) * scale, [&](int j) { return D(sc.row[j]); });
     }
     group_evidence();
     return valid;
@@ -141,15 +146,8 @@ struct CeSolver {
     const double* w = tile.prob.weights;
     for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
     for (int i = 0; i < st.N; ++i) {
-      const D wi = num(w[i]);
-      D on_shared = num(0);
-      for (int j = st.offsets[i]; j < st.offsets[i + 1]; ++j) {
-        const int l = st.class_index[j];
-        const D v = wi * D(p[j]);
-        sc.n[l] = D(sc.n[l]) + v;
-        if (shared_class(l)) on_shared += v;
-      }
-      sc.evidence_shared[i] = on_shared;
+      const int lo = st.offsets[i];
+      add_teacher(i, num(w[i]), [&](int j) { return D(p[lo + j]); });
     }
     group_evidence();
   }
@@ -168,12 +166,18 @@ struct CeSolver {
   }
 
   // r = exp(t - max t) and D_g = sum_{i in g} r_i: the point from t (the first iteration; later ones
-  // carry r and D_g over from the accepted step).
+  // carry r over from the accepted step).
   UHC_HD void point_from_t() const {
     const Structure& st = s();
     D top = sc.t[0];
     for (int i = 1; i < st.N; ++i) top = vmax(top, D(sc.t[i]));
     for (int i = 0; i < st.N; ++i) sc.r[i] = vexp(D(sc.t[i]) - top);
+    group_sums_of_r();
+  }
+
+  // D_g = sum_{i in g} r_i.
+  UHC_HD void group_sums_of_r() const {
+    const Structure& st = s();
     for (int g = 0; g < st.G; ++g) {
       D d = num(0);
       for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) d += D(sc.r[st.grp_teacher[k]]);
@@ -183,7 +187,7 @@ struct CeSolver {
 
   // From D_g (first rescaled by `rescale`, as r was): 1 / D_g, x_g = N_g / D_g and the Newton
   // system's link weight N_g / D_g^2 per group; per teacher the mass it covers,
-  // mass_i = sum_{g covers i} x_g, and the part on groups it shares. Returns Z = sum_g x_g.
+  // mass_i = sum_{g covers i} x_g, and the gradient (below). Returns Z = sum_g x_g.
   UHC_HD D point(const D& rescale) const {
     const Structure& st = s();
     D Z = num(0);
@@ -194,33 +198,43 @@ struct CeSolver {
       sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = lanes_cast<S>(x * inv);
       Z += x;
     }
-    if (st.tch_ptr) {  // by teacher, in registers
+    if (st.tch_ptr) {  // by teacher, in registers: first the groups it shares
       for (int i = 0; i < st.N; ++i) {
         const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-        const D on_shared = gather_sum<D>(sc.x, st.tch_group, lo, mid);
-        sc.shared[i] = on_shared;
+        D on_shared, low;
+        gather_two_sum<D>(sc.x, st.tch_group, lo, mid, on_shared, low);
         sc.mass[i] = on_shared + gather_sum<D>(sc.x, st.tch_group, mid, hi);
+        gradient(i, on_shared, low);
       }
     } else {  // group by group
-      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0), sc.shared[i] = num(0);
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0), sc.shared[i] = num(0), sc.shared_low[i] = num(0);
       for (int g = 0; g < st.G; ++g) {
-        const bool shared = st.grp_ptr[g + 1] - st.grp_ptr[g] > 1;
-        for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) {
+        const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+        const D x = sc.x[g];
+        for (int k = lo; k < hi; ++k) {
           const int i = st.grp_teacher[k];
-          sc.mass[i] = D(sc.mass[i]) + D(sc.x[g]);
-          if (shared) sc.shared[i] = D(sc.shared[i]) + D(sc.x[g]);
+          sc.mass[i] = D(sc.mass[i]) + x;
+          if (hi - lo > 1) {
+            D on_shared = sc.shared[i], low = sc.shared_low[i];
+            two_sum(on_shared, low, x);
+            sc.shared[i] = on_shared, sc.shared_low[i] = low;
+          }
         }
       }
+      for (int i = 0; i < st.N; ++i) gradient(i, sc.shared[i], sc.shared_low[i]);
     }
     return Z;
   }
 
-  // g_i = sum_{g covers i} (pi_ig N_g - e_ig) = r_i shared_i - evidence_shared_i: a group one
-  // teacher covers contributes exactly 0 (pi = 1, N_g = e_ig) and is left out of both sums, so a
-  // teacher linked to the others only through classes of tiny mass keeps the gradient's precision
-  // (see reference/ce.py).
-  UHC_HD void gradient() const {
-    for (int i = 0; i < s().N; ++i) sc.grad[i] = D(sc.r[i]) * D(sc.shared[i]) - D(sc.evidence_shared[i]);
+  // g_i = sum_{g covers i} (pi_ig N_g - e_ig) = r_i shared_i - evidence_shared_i, from both sums and
+  // their rounding errors: a group one teacher covers contributes exactly 0 and is left out of both.
+  // Where teachers are joined only through classes of tiny mass, the gradient's information is in
+  // the tiny groups' terms; the large ones can cancel exactly (symmetric teachers), and plain sums
+  // rounded the tiny terms away: a zero gradient, a zero step, and rows reported converged 0.5 off.
+  // (The reference forms each class's difference first, which keeps them too.)
+  UHC_HD void gradient(int i, const D& on_shared, const D& low) const {
+    const D ri = sc.r[i];
+    sc.grad[i] = (ri * on_shared - D(sc.evidence_shared[i])) + (ri * low - D(sc.evidence_low[i]));
   }
 
   // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep.
@@ -275,7 +289,8 @@ struct CeSolver {
   // evidence, |q_l sum_{i covers l} w_i / S_i / n_l - 1| = |sum_{i in g} (w_i / mass_i) / D_g - 1|),
   // the step's largest first-order change of a soft label (m_g = sum_{i in g} pi_ig step_i), and
   // a bound on F(t + step) - F(t) (full_step_bound), or where the bound does not pass Armijo's test
-  // for an active lane, the exact change (change(1)). Leaves m_g and the trial's sums in sc.mg and sc.acc.
+  // for an active lane, the exact change (change(1)). Leaves m_g and the full step's D_g (summed
+  // afresh: solve() says why) in sc.mg and sc.trial.
   UHC_HD void measure(const D& Z, const D& slope, const M& active, D& relative, D& absolute, D& predicted,
                       D& change_full) const {
     const Structure& st = s();
@@ -285,7 +300,7 @@ struct CeSolver {
     D low = num(0), high = num(0), spread = num(0);  // the step's range (the grounded teacher's step is 0)
     for (int i = 0; i < st.N; ++i) {
       const D ri = sc.r[i], di = sc.step[i], mi = sc.mass[i];
-      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.moved[i] = ri * vexp(di);
       spread += ri * di * di * mi;
       low = vmin(low, di), high = vmax(high, di);
     }
@@ -293,14 +308,14 @@ struct CeSolver {
     D c = num(0), mean_square = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      D kkt = num(0), m = num(0), trial = num(0);
+      D kkt = num(0), m = num(0), moved = num(0);
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
-        kkt += D(sc.wm[i]), m += D(sc.rs[i]), trial += D(sc.ex[i]);
+        kkt += D(sc.wm[i]), m += D(sc.rs[i]), moved += D(sc.moved[i]);
       }
       const D inv = sc.inv[g], Ng = sc.Ng[g];
       m = m * inv;
-      sc.mg[g] = m, sc.acc[g] = trial;
+      sc.mg[g] = m, sc.trial[g] = moved;
       c += D(sc.x[g]) * m;
       mean_square += Ng * m * m;
       const D gap = vabs(kkt * inv - 1.0);
@@ -322,25 +337,18 @@ struct CeSolver {
   }
 
   // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),
-  // each term formed without cancelling F's large values. Leaves the trial's sums in sc.acc.
+  // each term formed without cancelling F's large values.
   UHC_HD D change(const D& a, const D& slope) const {
     const Structure& st = s();
     for (int i = 0; i < st.N; ++i) sc.ex[i] = D(sc.r[i]) * vexpm1(a * D(sc.step[i]));
     D total = a * slope;
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      D trial = num(0);
-      for (int k = lo; k < hi; ++k) trial += D(sc.ex[st.grp_teacher[k]]);
-      sc.acc[g] = trial;
-      total += D(sc.Ng[g]) * (vlog1p(trial * D(sc.inv[g])) - a * D(sc.mg[g]));
+      D spread = num(0);
+      for (int k = lo; k < hi; ++k) spread += D(sc.ex[st.grp_teacher[k]]);
+      total += D(sc.Ng[g]) * (vlog1p(spread * D(sc.inv[g])) - a * D(sc.mg[g]));
     }
     return total;
-  }
-
-  // Lanes in `ok` move to the trial whose sums are in sc.acc: D_g + sum_{i in g} r_i expm1(a step_i)
-  // is their D_g there. The others keep sc.next: the current D_g (first) or an earlier trial's.
-  UHC_HD void keep_trial(const M& ok, bool first) const {
-    for (int g = 0; g < s().G; ++g) sc.next[g] = select(ok, D(sc.Dg[g]) + D(sc.acc[g]), first ? D(sc.Dg[g]) : D(sc.next[g]));
   }
 
   // Solve the tile from its evidence (read_evidence or packed_evidence first); q (K lanes) ends in
@@ -368,7 +376,6 @@ struct CeSolver {
     D rescale = one;
     for (int iteration = 0;; ++iteration) {
       const D Z = point(rescale);
-      gradient();
       newton_step();
       D slope = zero;
       for (int i = 0; i < st.N; ++i) slope += D(sc.grad[i]) * D(sc.step[i]);
@@ -386,20 +393,25 @@ struct CeSolver {
       // that full (tiny) step
       M trying = searching | done;
       M accepted = trying & (change_full <= kArmijo * slope) & isfinite_lanes(change_full);
-      keep_trial(accepted, true);
+      for (int g = 0; g < st.G; ++g) sc.next[g] = select(accepted, D(sc.trial[g]), D(sc.Dg[g]));
       D a = one, taken = select(accepted, one, zero);
       trying = trying & lnot(accepted) & lnot(done);
+      M halved = zero != zero;
       for (int h = 1; h < kMaxHalvings && any(trying); ++h) {
         a = a * 0.5;
         const D df = change(a, slope);
         const M ok = trying & (df <= kArmijo * a * slope) & isfinite_lanes(df);
-        keep_trial(ok, false);
         taken = select(ok, a, taken);
-        accepted = accepted | ok;
+        halved = halved | ok;
         trying = trying & lnot(ok);
       }
-      // the accepted point: t, r and D_g move along (D_g's buffer and its successor's trade places),
-      // r and D_g rescaled so that max r = 1 (D_g by the next point())
+      accepted = accepted | halved;
+      // the accepted point: t and r move along, r rescaled so that max r = 1; D_g = sum_{i in g} r_i
+      // there, summed afresh from r (measure()'s sums for a full step), never carried as D_g +
+      // sum_{i in g} r_i expm1(a step_i): carried, each step's rounding stayed in D_g while D_g shrank
+      // (its heavy teacher's r falling step after step), and where groups are joined only through
+      // classes of tiny mass, D_g drifted until the Newton steps went wrong: rows stalled where the
+      // reference converged
       D top = zero;
       for (int i = 0; i < st.N; ++i) {
         const D move = taken * D(sc.step[i]);
@@ -407,10 +419,15 @@ struct CeSolver {
         sc.r[i] = D(sc.r[i]) * vexp(move);
         top = vmax(top, D(sc.r[i]));
       }
-      const auto Dg = sc.Dg;
-      sc.Dg = sc.next, sc.next = Dg;
       rescale = one / top;
       for (int i = 0; i < st.N; ++i) sc.r[i] = D(sc.r[i]) * rescale;
+      if (any(halved)) {  // (rare after the first steps)
+        group_sums_of_r();
+        rescale = one;
+      } else {  // D_g's buffer and its successor's trade places; D_g rescaled by the next point()
+        const auto Dg = sc.Dg;
+        sc.Dg = sc.next, sc.next = Dg;
+      }
       rep.iterations = rep.iterations + select(accepted & lnot(done), one, zero);
       active = searching & accepted;
       if (!any(active)) break;

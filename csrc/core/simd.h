@@ -215,6 +215,27 @@ UHC_HD V gather_sum(const Values& values, const int32_t* index, int lo, int hi) 
   return (a + b) + (c + d);
 }
 
+// s + x, rounded, into s and its rounding error added to c (Knuth's TwoSum, exact for any s and x):
+// sums that keep terms far below the rounding of their largest ones.
+template <class V>
+UHC_HD void two_sum(V& s, V& c, const V& x) {
+  const V t = s + x, z = t - s;
+  c += (s - (t - z)) + (x - z);
+  s = t;
+}
+
+// gather_sum's sum as `sum` and its rounding errors (two_sum) as `low`, in two independent chains.
+template <class V, class Values>
+UHC_HD void gather_two_sum(const Values& values, const int32_t* index, int lo, int hi, V& sum, V& low) {
+  V a = splat<V>(0.0), b = a, a_low = a, b_low = a;
+  int k = lo;
+  for (; k + 2 <= hi; k += 2) two_sum(a, a_low, V(values[index[k]])), two_sum(b, b_low, V(values[index[k + 1]]));
+  if (k < hi) two_sum(a, a_low, V(values[index[k]]));
+  low = a_low + b_low;
+  two_sum(a, low, b);
+  sum = a;
+}
+
 // Carves one tile's scratch out of a byte buffer: arrays of elements of any lane type, each
 // aligned to 64 bytes. Constructed on a null buffer it only measures (what `bytes()` returns is
 // then the size to allocate), so a solver's scratch layout is written once, in the constructor

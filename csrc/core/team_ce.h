@@ -12,13 +12,14 @@ namespace UHC_NAMESPACE {
 
 // The scratch of one sample, carved from `slots(s)` doubles.
 struct TeamCeScratch {
-  double *n;                                       // class evidence (K), then q
-  double *Ng, *Mg, *Dg, *inv, *mg, *acc;           // per group
-  double *t, *r, *grad, *step, *mass, *shared, *evidence_shared, *ex, *wm, *rs;  // per teacher
+  double *n, *own;                                 // class evidence (K), then q; one teacher's (K)
+  double *e;                                       // per (teacher, group) entry, by teacher: its evidence (E)
+  double *Ng, *Mg, *Dg, *inv, *mg, *trial;         // per group
+  double *t, *r, *grad, *step, *mass, *evidence_shared, *ex, *moved, *wm, *rs;  // per teacher
   double *links, *system, *ground, *rhs, *pivot, *sol;  // C (N x N), the grounded system (n x n), n-vectors
 
   static UHC_HD int64_t slots(const Structure& s) {
-    return int64_t(s.K) + 6 * int64_t(s.G) + 10 * int64_t(s.N) + 2 * int64_t(s.N) * s.N + 4 * int64_t(s.N);
+    return 2 * int64_t(s.K) + s.E + 6 * int64_t(s.G) + 10 * int64_t(s.N) + 2 * int64_t(s.N) * s.N + 4 * int64_t(s.N);
   }
   UHC_HD TeamCeScratch(double* p, const Structure& s) {
     auto take = [&p](int64_t count) {
@@ -26,10 +27,10 @@ struct TeamCeScratch {
       p += count;
       return out;
     };
-    n = take(s.K);
-    Ng = take(s.G), Mg = take(s.G), Dg = take(s.G), inv = take(s.G), mg = take(s.G), acc = take(s.G);
-    t = take(s.N), r = take(s.N), grad = take(s.N), step = take(s.N), mass = take(s.N), shared = take(s.N);
-    evidence_shared = take(s.N), ex = take(s.N), wm = take(s.N), rs = take(s.N);
+    n = take(s.K), own = take(s.K), e = take(s.E);
+    Ng = take(s.G), Mg = take(s.G), Dg = take(s.G), inv = take(s.G), mg = take(s.G), trial = take(s.G);
+    t = take(s.N), r = take(s.N), grad = take(s.N), step = take(s.N), mass = take(s.N);
+    evidence_shared = take(s.N), ex = take(s.N), moved = take(s.N), wm = take(s.N), rs = take(s.N);
     links = take(int64_t(s.N) * s.N), system = take(int64_t(s.N) * s.N);
     ground = take(s.N), rhs = take(s.N), pivot = take(s.N), sol = take(s.N);
   }
@@ -75,13 +76,39 @@ struct TeamCe {
   UHC_HD int lane() const { return team.lane(); }
   UHC_HD int size() const { return team.size(); }
 
-  // n, each teacher's evidence on the classes it shares, N_g and M_g; whether every row passed.
+  // n, each teacher's evidence per group (sc.e, by teacher: the gradient's terms) and on the groups
+  // it shares, N_g and M_g; whether every row passed. (ce.h keeps the gradient's tiny terms with
+  // compensated sums instead; here the lanes' partial sums meet in a team reduction, which would
+  // round them away, so each group's difference is formed first, as the reference does.)
   UHC_HD bool read_evidence() const {
     const Structure& st = s();
-    const bool valid = team_class_sums(team, prob, b, sc.n, sc.evidence_shared, [&](int i, int l, double p) {
-      const int g = st.class_group[l];
-      return st.grp_ptr[g + 1] - st.grp_ptr[g] > 1 ? prob.weights[i] * p : 0.0;
-    });
+    for (int l = lane(); l < st.K; l += size()) sc.n[l] = 0;
+    team.sync();
+    bool valid = true;
+    for (int i = 0; i < st.N; ++i) {
+      const int lo = st.offsets[i];
+      TeamRow<Team::kHeld> row = team_row<Team::kHeld>(prob.in, i, b, st.offsets[i + 1] - lo);
+      valid &= row.check(team);
+      const double wi = prob.weights[i];
+      row.for_each_value(team, [&](int j, double v) {
+        const int l = st.class_index[lo + j];
+        sc.n[l] += wi * v, sc.own[l] = wi * v;
+      });
+      team.sync();
+      // per group: a lane an entry sums the teacher's classes in it (all of them are the teacher's)
+      const int first = st.tch_ptr[i], shared_end = first + st.tch_shared[i];
+      double on_shared = 0;
+      for (int k = first + lane(); k < st.tch_ptr[i + 1]; k += size()) {
+        const int g = st.tch_group[k];
+        double sum = 0;
+        for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) sum += sc.own[st.grp_cls[c]];
+        sc.e[k] = sum;
+        if (k < shared_end) on_shared += sum;
+      }
+      on_shared = team.sum(on_shared);
+      if (lane() == 0) sc.evidence_shared[i] = on_shared;
+      team.sync();
+    }
     for (int g = lane(); g < st.G; g += size()) {
       double sum = 0, top = 0;
       for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) {
@@ -94,7 +121,7 @@ struct TeamCe {
     return valid;
   }
 
-  // ce.h's point(): D_g rescaled, 1 / D_g, each teacher's mass and its part on shared groups; Z.
+  // ce.h's point(): D_g rescaled, 1 / D_g, each teacher's mass and gradient; Z.
   UHC_HD double point(double rescale) const {
     const Structure& st = s();
     double part = 0;
@@ -109,14 +136,18 @@ struct TeamCe {
     team.sync();
     auto x = [&](int k) { return sc.Ng[st.tch_group[k]] * sc.inv[st.tch_group[k]]; };  // x_g = N_g / D_g
     // by teacher, a teacher a sub-team (no block barrier in the loop): first the groups it shares,
-    // then the rest
+    // each one's gradient term r_i x_g - e_ig formed before the sum, then the rest
     for (int i = team.group(); i < st.N; i += team.groups()) {
       const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-      double on_shared = 0, rest = 0;
-      for (int k = lo + team.group_lane(); k < mid; k += team.group_size()) on_shared += x(k);
+      const double ri = sc.r[i];
+      double on_shared = 0, rest = 0, grad = 0;
+      for (int k = lo + team.group_lane(); k < mid; k += team.group_size()) {
+        const double xg = x(k);
+        on_shared += xg, grad += ri * xg - sc.e[k];
+      }
       for (int k = mid + team.group_lane(); k < hi; k += team.group_size()) rest += x(k);
-      on_shared = team.group_sum(on_shared), rest = team.group_sum(rest);
-      if (team.group_lane() == 0) sc.shared[i] = on_shared, sc.mass[i] = on_shared + rest;
+      on_shared = team.group_sum(on_shared), rest = team.group_sum(rest), grad = team.group_sum(grad);
+      if (team.group_lane() == 0) sc.mass[i] = on_shared + rest, sc.grad[i] = grad;
     }
     team.sync();
     return Z;
@@ -156,7 +187,7 @@ struct TeamCe {
     team.sync();
   }
 
-  // F(t + a step) - F(t) term by term (ce.h's change()); the trial's sums in sc.acc.
+  // F(t + a step) - F(t) term by term (ce.h's change()).
   UHC_HD double change(double a, double slope) const {
     const Structure& st = s();
     for (int i = lane(); i < st.N; i += size()) sc.ex[i] = sc.r[i] * vexpm1(a * sc.step[i]);
@@ -164,10 +195,9 @@ struct TeamCe {
     double part = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      double trial = 0;
-      for (int k = lo; k < hi; ++k) trial += sc.ex[st.grp_teacher[k]];
-      sc.acc[g] = trial;
-      part += sc.Ng[g] * (vlog1p(trial * sc.inv[g]) - a * sc.mg[g]);
+      double spread = 0;
+      for (int k = lo; k < hi; ++k) spread += sc.ex[st.grp_teacher[k]];
+      part += sc.Ng[g] * (vlog1p(spread * sc.inv[g]) - a * sc.mg[g]);
     }
     const double total = a * slope + team.sum(part);
     team.sync();
@@ -184,7 +214,7 @@ struct TeamCe {
     double low = 0, high = 0, spread = 0;
     for (int i = lane(); i < st.N; i += size()) {
       const double ri = sc.r[i], di = sc.step[i], mi = sc.mass[i];
-      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.ex[i] = ri * vexpm1(di);
+      sc.wm[i] = w[i] / mi, sc.rs[i] = ri * di, sc.moved[i] = ri * vexp(di);
       spread += ri * di * di * mi;
       low = vmin(low, di), high = vmax(high, di);
     }
@@ -193,14 +223,14 @@ struct TeamCe {
     double rel = 0, abs_part = 0, c = 0, mean_square = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      double kkt = 0, m = 0, trial = 0;
+      double kkt = 0, m = 0, moved = 0;
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
-        kkt += sc.wm[i], m += sc.rs[i], trial += sc.ex[i];
+        kkt += sc.wm[i], m += sc.rs[i], moved += sc.moved[i];
       }
       const double inv = sc.inv[g], Ng = sc.Ng[g];
       m = m * inv;
-      sc.mg[g] = m, sc.acc[g] = trial;
+      sc.mg[g] = m, sc.trial[g] = moved;
       c += Ng * inv * m;
       mean_square += Ng * m * m;
       const double gap = vabs(kkt * inv - 1.0);
@@ -216,6 +246,17 @@ struct TeamCe {
     const double bound = full_step_bound(slope, spread - mean_square, spread, high - low, quad_rounding(st));
     change_full = bound;
     if (active && !(bound <= kArmijo * slope)) change_full = change(1.0, slope);
+  }
+
+  // D_g = sum_{i in g} r_i.
+  UHC_HD void group_sums_of_r() const {
+    const Structure& st = s();
+    for (int g = lane(); g < st.G; g += size()) {
+      double d = 0;
+      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) d += sc.r[st.grp_teacher[k]];
+      sc.Dg[g] = d;
+    }
+    team.sync();
   }
 
   // ce.h's solve() for this sample; q ends in sc.n, written out with the diagnostics.
@@ -235,19 +276,12 @@ struct TeamCe {
     for (int i = 0; i < st.N; ++i) total_w += w[i], top = vmax(top, sc.t[i]);
     for (int i = lane(); i < st.N; i += size()) sc.r[i] = vexp(sc.t[i] - top);
     team.sync();
-    for (int g = lane(); g < st.G; g += size()) {
-      double d = 0;
-      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) d += sc.r[st.grp_teacher[k]];
-      sc.Dg[g] = d;
-    }
-    team.sync();
+    group_sums_of_r();
 
     double iterations = 0, residual = 0, predicted_step = 0, abs_residual = 0, rescale = 1;
     bool converged = false;
     for (int iteration = 0;; ++iteration) {
       const double Z = point(rescale);
-      for (int i = lane(); i < st.N; i += size()) sc.grad[i] = sc.r[i] * sc.shared[i] - sc.evidence_shared[i];
-      team.sync();
       newton_step();
       double slope = 0;
       for (int i = lane(); i < st.N; i += size()) slope += sc.grad[i] * sc.step[i];
@@ -275,9 +309,10 @@ struct TeamCe {
           }
         }
       }
-      // the accepted trial's D_g (sc.acc holds its sums); t and r move along, r rescaled to max 1
-      if (accepted)
-        for (int g = lane(); g < st.G; g += size()) sc.Dg[g] += sc.acc[g];
+      // t and r move along, r rescaled to max 1; D_g summed afresh at the new point (ce.h's solve()
+      // says why): measure()'s sums for a full step, else from r
+      if (taken == 1.0)
+        for (int g = lane(); g < st.G; g += size()) sc.Dg[g] = sc.trial[g];
       double largest = 0;
       for (int i = lane(); i < st.N; i += size()) {
         const double move = taken * sc.step[i];
@@ -287,6 +322,7 @@ struct TeamCe {
       rescale = 1.0 / team.max(largest);
       for (int i = lane(); i < st.N; i += size()) sc.r[i] *= rescale;
       team.sync();
+      if (accepted && taken < 1.0) group_sums_of_r(), rescale = 1.0;
       if (accepted && !done) iterations += 1;
       active = searching && accepted;
       if (!active) break;

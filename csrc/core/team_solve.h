@@ -12,8 +12,9 @@ namespace UHC_NAMESPACE {
 UHC_HD constexpr bool team_method(int method) { return method == kSD || method == kMFLF || method == kCE; }
 
 // How a team method's teams sit on the GPU: `lanes` threads a team, `per_block` teams a block of
-// kTeamBlock threads. sd and mf-lf: a warp a sample. ce: a block a sample (its state, 63 KB at
-// K=1000, N=20, fits a block's shared memory once, not four times; four warps share its work).
+// kTeamBlock threads. sd and mf-lf: a warp a sample. ce: a block a sample (its state, 108 KB at
+// K=1000, N=20 on random 25% subsets, fits a block's shared memory once, not four times; four
+// warps share its work).
 constexpr int kTeamBlock = 128;
 struct TeamShape {
   int lanes, per_block;
