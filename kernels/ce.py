@@ -70,6 +70,7 @@ from ._common import (
 )
 from .inputs import (
     PARAM_ARMIJO,
+    PARAM_CONVERGED_LOG_STEP,
     PARAM_MAX_HALVINGS,
     PARAM_MAX_LOG_STEP,
     PARAM_TOL,
@@ -459,7 +460,9 @@ def ce_solve(
             residual = relative
             abs_residual = absolute / total_w
             predicted_change = pred
-        done = (active != 0) & (relative <= tol) & (pred <= tol)
+        # (uhc_fast/reference/ce.py: the step's length says when the two tests can be trusted)
+        short = rmax(tl.abs(step), 0) <= tl.load(params_ptr + PARAM_CONVERGED_LOG_STEP)
+        done = (active != 0) & (relative <= tol) & (pred <= tol) & short
         if done:
             converged = 1
         slope = rsum(grad * step, 0)

@@ -26,7 +26,7 @@ from ._common import KIND_LOGITS, KIND_PRIOR, KIND_PROBS, P_N, S_OFFSETS, device
 # the fp64 launch parameters (one small tensor, so that they reach the kernel unrounded)
 PARAM_TEMPERATURE = tl.constexpr(0)
 PARAM_EPS = tl.constexpr(1)
-PARAM_UNUSED = tl.constexpr(2)  # (was the sum tolerance: now per teacher, in the teacher table)
+PARAM_CONVERGED_LOG_STEP = tl.constexpr(2)  # ce's longest Newton step (log-scale) at convergence
 PARAM_TOL = tl.constexpr(3)
 PARAM_ARMIJO = tl.constexpr(4)  # sufficient decrease of the line searches
 PARAM_MAX_LOG_STEP = tl.constexpr(5)  # the longest Newton step in a log variable

@@ -51,6 +51,7 @@ class Settings:
     sum_tolerances: tuple[float, ...] = ()  # per real teacher (default 1e-4 each)
     armijo: float = 1e-4
     max_log_step: float = 2.0
+    converged_log_step: float = 0.25
     min_scale: float = 1e-3
     max_halvings: int = 40
     ce_max_iter: int = 100  # the step cap of mf-p's `ce` start
@@ -59,7 +60,7 @@ class Settings:
         values = [
             self.temperature,
             self.eps,
-            0.0,  # (unused slot: the row-sum tolerances are per teacher, in the teacher table)
+            self.converged_log_step,
             self.tol,
             self.armijo,
             self.max_log_step,

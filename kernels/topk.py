@@ -49,6 +49,7 @@ _TABLE_WIDTH = 8  # per teacher: offset, k, ids row/col strides, values row/col 
 ARMIJO = 1e-4
 MAX_HALVINGS = 40
 MAX_LOG_STEP = 2.0
+CONVERGED_LOG_STEP = 0.25
 # the same, as the kernel sees them
 _PROBS = tl.constexpr(PROBS)
 _LOGPROBS = tl.constexpr(LOGPROBS)
@@ -57,6 +58,7 @@ _CHECKS = tl.constexpr(NUM_CHECKS)
 _ARMIJO = tl.constexpr(ARMIJO)
 _HALVINGS = tl.constexpr(MAX_HALVINGS)
 _MAX_STEP = tl.constexpr(MAX_LOG_STEP)
+_CONVERGED_STEP = tl.constexpr(CONVERGED_LOG_STEP)
 
 
 def num_warps(num_teachers: int, block_t: int) -> int:
@@ -474,7 +476,7 @@ def _topk_kernel(
                 q = x / z
                 c = tl.sum(q * m_u, axis=0)
                 predicted = tl.max(tl.where(new, tl.abs(q * (c - m_u)), 0.0), axis=0)
-                done = _flag(relative <= tol) & _flag(predicted <= tol)
+                done = _flag(relative <= tol) & _flag(predicted <= tol) & _flag(longest <= _CONVERGED_STEP)
                 slope = tl.sum(grad * step, axis=0)
                 searching = _flag(slope < 0) & ~done & (iterations < max_iter)
                 # backtracking from the full step; a converged row may take only the full (tiny) step

@@ -21,7 +21,14 @@ except ImportError as err:  # pragma: no cover - installed without the extension
     pytest.skip(f"CPU extension not built: {err}", allow_module_level=True)
 
 # the solver constants both languages hold (csrc/core/constants.h)
-SHARED_CONSTANTS = ("DEFAULT_MAX_ITER", "ARMIJO", "MAX_HALVINGS", "MAX_LOG_STEP", "MIN_SCALE")
+SHARED_CONSTANTS = (
+    "DEFAULT_MAX_ITER",
+    "ARMIJO",
+    "MAX_HALVINGS",
+    "MAX_LOG_STEP",
+    "CONVERGED_LOG_STEP",
+    "MIN_SCALE",
+)
 
 
 def test_method_codes():

@@ -618,6 +618,26 @@ def test_regression_ce_tiny_bridges_carry_the_split(backend):
     assert np.allclose(soft[0, 1:4] / truth[0, 1:4], 1, rtol=1e-6), soft[0, 1:4] / truth[0, 1:4]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_regression_ce_converged_only_once_newton_steps_are_short(backend, dtype):
+    """Classes 1 (0.30) and 4 (0.70), each held by one teacher with p = 1, split only through
+    classes of mass 1e-12 and less (a row of q = softmax(10 g) over random sets of 12 classes).
+    In float32 both backends stopped after 12 steps at q_4 = 2.6e-5, reported converged: its
+    teacher's t was stepping by about 1 at a time, and the step's first-order change of the soft
+    labels (q_4 times that) and the relative residual both passed tol. Now a row converges only
+    once its Newton step is at most CONVERGED_LOG_STEP in every t_i."""
+    truth = np.array([[1.007e-15, 0.2977, 1.479e-11, 3.982e-13, 0.7023, 5.802e-13, 1.369e-16, 2.528e-11, 4.136e-17,
+                       1.43e-18, 1.705e-7, 4.172e-14]])  # fmt: skip
+    truth /= truth.sum()
+    sets = [[0, 3, 5, 8, 9, 11], [0, 7, 9, 10], [2, 3, 6, 7, 11], [1, 3, 5, 8, 10, 11], [4, 5, 8, 9], [7, 8, 9, 10]]
+    outputs = [truth[:, s] / truth[:, s].sum(axis=1, keepdims=True) for s in sets]
+    problem = orc.Problem(sets=sets, num_classes=12, outputs=outputs, truth=truth)
+    soft, info, seen = solve(problem, "ce", backend, dtype)
+    assert bool(info["converged"].all())
+    assert_close(soft, orc.oracle_ce(problem, seen), ACCURACY[dtype], f"ce/{backend}/{dtype} vs the oracle")
+
+
 def two_scales_problem() -> orc.Problem:
     q = np.array([0.052, 0.0167, 0.0153, 0.266, 0.5522, 0.0978])
     sets = [[0, 1, 2, 3, 4], [3, 4, 5]]

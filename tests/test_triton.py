@@ -35,6 +35,7 @@ from .problems import consistent_outputs, noisy, random_class_sets, random_soft_
 
 kernels = triton_backend.kernels()
 from uhc_fast.kernels import _common, launch, plan  # noqa: E402
+from uhc_fast.kernels import topk as topk_kernels  # noqa: E402
 
 DEVICE = "cpu" if kernels.interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -332,6 +333,10 @@ def test_settings_defaults_are_the_libraries_constants():
     defaults = launch.Settings()
     assert defaults.armijo == constants.ARMIJO and defaults.max_halvings == constants.MAX_HALVINGS
     assert defaults.max_log_step == constants.MAX_LOG_STEP and defaults.min_scale == constants.MIN_SCALE
+    assert defaults.converged_log_step == constants.CONVERGED_LOG_STEP
+    assert topk_kernels.CONVERGED_LOG_STEP == constants.CONVERGED_LOG_STEP
+    assert (topk_kernels.ARMIJO, topk_kernels.MAX_HALVINGS) == (constants.ARMIJO, constants.MAX_HALVINGS)
+    assert topk_kernels.MAX_LOG_STEP == constants.MAX_LOG_STEP
     assert defaults.max_iter == constants.DEFAULT_MAX_ITER == defaults.ce_max_iter
 
 

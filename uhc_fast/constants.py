@@ -20,6 +20,12 @@ MIN_SCALE = 1e-3
 # mf-lu log scales): a factor e^2. Far from the optimum a Newton step can ask for far more than
 # its quadratic model holds (a weakly linked teacher's t moved by hundreds).
 MAX_LOG_STEP = 2.0
+# `ce` reports convergence only where its Newton step is at most this in every log-scale t_i, on top
+# of its two tolerances: where the step is longer, the quadratic model is not yet to be trusted (a
+# class whose mass is 0.9 at the optimum can sit at 1e-10 with its teacher's t stepping by about 1
+# a step, Newton's pace on an exponential, while the step's first-order change of the soft labels
+# is 1e-10 and passes `tol`). Rows above it iterate on.
+CONVERGED_LOG_STEP = 0.25
 # Probabilities are clamped to this before taking logs (logit-space methods).
 DEFAULT_EPS = 1e-12
 # The weight of the uniform prior teacher when the class-overlap graph is disconnected and the

@@ -384,7 +384,9 @@ struct CeSolver {
       rep.residual = select(active, relative, rep.residual);
       rep.abs_residual = select(active, absolute / total_w, rep.abs_residual);
       rep.step = select(active, pred, rep.step);
-      const M done = active & (relative <= tol) & (pred <= tol);
+      D longest = zero;  // (reference/ce.py: the step's length says when the two tests can be trusted)
+      for (int i = 0; i < st.N; ++i) longest = vmax(longest, vabs(D(sc.step[i])));
+      const M done = active & (relative <= tol) & (pred <= tol) & (longest <= kConvergedLogStep);
       rep.converged = rep.converged | done;
 
       M searching = active & lnot(done) & (slope < 0);

@@ -10,6 +10,7 @@ constexpr int kDefaultMaxIter = 100;  // the cap of the ce solve mf-p starts fro
 constexpr double kArmijo = 1e-4;      // sufficient decrease of every backtracking line search
 constexpr int kMaxHalvings = 40;      // how often a line search may halve its step
 constexpr double kMaxLogStep = 2.0;   // the largest Newton step in a log-scale variable
+constexpr double kConvergedLogStep = 0.25;  // ce's longest Newton step (log-scale) at convergence
 constexpr double kMinScale = 1e-3;    // the smallest mf-lu teacher scale
 
 }  // namespace UHC_NAMESPACE

@@ -289,7 +289,9 @@ struct TeamCe {
       double relative, absolute, pred, change_full;
       measure(Z, slope, active, relative, absolute, pred, change_full);
       if (active) residual = relative, abs_residual = absolute / total_w, predicted_step = pred;
-      const bool done = active && relative <= prob.tol && pred <= prob.tol;
+      double longest = 0;  // (reference/ce.py: the step's length says when the two tests can be trusted)
+      for (int i = 0; i < st.N; ++i) longest = vmax(longest, vabs(sc.step[i]));
+      const bool done = active && relative <= prob.tol && pred <= prob.tol && longest <= kConvergedLogStep;
       converged = converged || done;
       bool searching = active && !done && slope < 0;
       if (iteration >= prob.max_iter) searching = false;

@@ -26,7 +26,16 @@ import os
 import torch
 
 from .. import reference
-from ..constants import ARMIJO, DEFAULT_MAX_ITER, MAX_HALVINGS, MAX_LOG_STEP, MIN_SCALE, SUM_TOLERANCE, compute_dtype
+from ..constants import (
+    ARMIJO,
+    CONVERGED_LOG_STEP,
+    DEFAULT_MAX_ITER,
+    MAX_HALVINGS,
+    MAX_LOG_STEP,
+    MIN_SCALE,
+    SUM_TOLERANCE,
+    compute_dtype,
+)
 from ..inputs import Batch, PackedProblem, Solution, pack, raise_first_failure
 from ..methods import METHODS, Method
 from .base import Backend
@@ -81,6 +90,7 @@ def settings(batch: Batch, out_dtype: torch.dtype):
         sum_tolerances=tuple(SUM_TOLERANCE[x.dtype] for x in batch.tensors),
         armijo=ARMIJO,
         max_log_step=MAX_LOG_STEP,
+        converged_log_step=CONVERGED_LOG_STEP,
         min_scale=MIN_SCALE,
         max_halvings=MAX_HALVINGS,
         ce_max_iter=DEFAULT_MAX_ITER,

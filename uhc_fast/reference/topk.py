@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import ARMIJO, DEFAULT_DISCONNECTED_ALPHA, MAX_HALVINGS, MAX_LOG_STEP, SUM_TOLERANCE
+from ..constants import (
+    ARMIJO,
+    CONVERGED_LOG_STEP,
+    DEFAULT_DISCONNECTED_ALPHA,
+    MAX_HALVINGS,
+    MAX_LOG_STEP,
+    SUM_TOLERANCE,
+)
 from ..linalg import grounded_laplacian_solve
 from ..topk_inputs import CHECKS, empty_solution
 from .common import full_precision, row_chunks
@@ -274,6 +281,7 @@ def _newton(
         change = q * ((q * mean).sum(dim=1, keepdim=True) - mean)
         report["step"][active] = change.abs().amax(dim=1)
         done = (report["residual"][active] <= tol) & (report["step"][active] <= tol)
+        done &= step.abs().amax(dim=1) <= CONVERGED_LOG_STEP  # (as reference/ce.py)
         report["converged"][active] = done
 
         slope = (grad * step).sum(dim=1)
