@@ -187,8 +187,9 @@ struct CeSolver {
 
   // From D_g (first rescaled by `rescale`, as r was): 1 / D_g, x_g = N_g / D_g and the Newton
   // system's link weight N_g / D_g^2 per group; per teacher the mass it covers,
-  // mass_i = sum_{g covers i} x_g, and the gradient (below). Returns Z = sum_g x_g.
-  UHC_HD D point(const D& rescale) const {
+  // mass_i = sum_{g covers i} x_g, and (`with_gradient`: all but the final point) the gradient
+  // (below). Returns Z = sum_g x_g.
+  UHC_HD D point(const D& rescale, bool with_gradient = true) const {
     const Structure& st = s();
     D Z = num(0);
     for (int g = 0; g < st.G; ++g) {
@@ -198,6 +199,7 @@ struct CeSolver {
       sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = lanes_cast<S>(x * inv);
       Z += x;
     }
+    if (!with_gradient) return Z;
     if (st.tch_ptr) {  // by teacher, in registers: first the groups it shares
       for (int i = 0; i < st.N; ++i) {
         const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
@@ -435,7 +437,7 @@ struct CeSolver {
       if (!any(active)) break;
     }
     // q_l = n_l / (D_g Z) at the final point
-    const D inv_z = one / point(rescale);
+    const D inv_z = one / point(rescale, false);
     for (int g = 0; g < st.G; ++g) {
       const bool covered = st.grp_ptr[g + 1] > st.grp_ptr[g];
       const D scale = covered ? D(sc.inv[g]) * inv_z : zero;
