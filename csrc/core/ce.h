@@ -239,8 +239,9 @@ struct CeSolver {
     sc.grad[i] = (ri * on_shared - D(sc.evidence_shared[i])) + (ri * low - D(sc.evidence_low[i]));
   }
 
-  // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep.
-  UHC_HD void newton_step() const {
+  // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep; returns its longest
+  // component (after the cap).
+  UHC_HD D newton_step() const {
     const Structure& st = s();
     const int N = st.N;
     // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2 (sc.curvature, from point())
@@ -284,6 +285,7 @@ struct CeSolver {
       sc.step[i] = select(grounded == num(i), num(0), lanes_cast<D>(S(sc.sol[i]))), longest = vmax(longest, vabs(D(sc.step[i])));
     const D cap = num(kMaxLogStep) / vmax(longest, num(kMaxLogStep));
     for (int i = 0; i < N; ++i) sc.step[i] = D(sc.step[i]) * cap;
+    return vmin(longest, num(kMaxLogStep));
   }
 
   // One pass over the groups after the Newton step, for the convergence test and the full step's
@@ -378,7 +380,7 @@ struct CeSolver {
     D rescale = one;
     for (int iteration = 0;; ++iteration) {
       const D Z = point(rescale);
-      newton_step();
+      const D longest = newton_step();
       D slope = zero;
       for (int i = 0; i < st.N; ++i) slope += D(sc.grad[i]) * D(sc.step[i]);
       D relative, absolute, pred, change_full;
@@ -386,8 +388,7 @@ struct CeSolver {
       rep.residual = select(active, relative, rep.residual);
       rep.abs_residual = select(active, absolute / total_w, rep.abs_residual);
       rep.step = select(active, pred, rep.step);
-      D longest = zero;  // (reference/ce.py: the step's length says when the two tests can be trusted)
-      for (int i = 0; i < st.N; ++i) longest = vmax(longest, vabs(D(sc.step[i])));
+      // (reference/ce.py: the step's length says when the two tests can be trusted)
       const M done = active & (relative <= tol) & (pred <= tol) & (longest <= kConvergedLogStep);
       rep.converged = rep.converged | done;
 

@@ -153,8 +153,9 @@ struct TeamCe {
     return Z;
   }
 
-  // ce.h's newton_step(): the grounded Newton system over teacher pairs, solved; the capped step.
-  UHC_HD void newton_step() const {
+  // ce.h's newton_step(): the grounded Newton system over teacher pairs, solved; the capped step
+  // and its longest component.
+  UHC_HD double newton_step() const {
     const Structure& st = s();
     const int N = st.N;
     const int ground = static_cast<int>(ground_teacher<double>(sc.evidence_shared, N));
@@ -185,6 +186,7 @@ struct TeamCe {
     const double cap = kMaxLogStep / vmax(longest, kMaxLogStep);
     for (int i = lane(); i < N; i += size()) sc.step[i] = i == ground ? 0.0 : sc.sol[i] * cap;
     team.sync();
+    return vmin(longest, kMaxLogStep);
   }
 
   // F(t + a step) - F(t) term by term (ce.h's change()).
@@ -282,15 +284,14 @@ struct TeamCe {
     bool converged = false;
     for (int iteration = 0;; ++iteration) {
       const double Z = point(rescale);
-      newton_step();
+      const double longest = newton_step();
       double slope = 0;
       for (int i = lane(); i < st.N; i += size()) slope += sc.grad[i] * sc.step[i];
       slope = team.sum(slope);
       double relative, absolute, pred, change_full;
       measure(Z, slope, active, relative, absolute, pred, change_full);
       if (active) residual = relative, abs_residual = absolute / total_w, predicted_step = pred;
-      double longest = 0;  // (reference/ce.py: the step's length says when the two tests can be trusted)
-      for (int i = 0; i < st.N; ++i) longest = vmax(longest, vabs(sc.step[i]));
+      // (reference/ce.py: the step's length says when the two tests can be trusted)
       const bool done = active && relative <= prob.tol && pred <= prob.tol && longest <= kConvergedLogStep;
       converged = converged || done;
       bool searching = active && !done && slope < 0;
