@@ -39,6 +39,42 @@ UHC_HD void grounded_laplacian_solve(Buf L, Buf g, Buf b, Buf pivot, Buf x, int 
   }
 }
 
+// grounded_laplacian_solve for b_i = sum_j F_ij + Fg_i, with the flows F (antisymmetric: only the
+// upper triangle, j > i, is read or written) and Fg (each node's flow to the ground) carried
+// through the elimination instead of their sums: merging node k into the rest adds
+// f_i F_kj - f_j F_ki to F_ij (f_i = L_ki / pivot_k), so the right-hand side a group of nodes
+// presents to the rest is the sum of the flows that leave it, never formed from its own (larger,
+// cancelling) internal flows (uhc_fast/linalg.py: grounded_laplacian_solve_flows, the same
+// algorithm, says why ce needs it). L, g, F and Fg are overwritten; x gets the solution (it holds
+// the multipliers meanwhile) and b each node's right-hand side at its elimination.
+template <class V, class Buf>
+UHC_HD void grounded_laplacian_solve_flows(Buf L, Buf g, Buf F, Buf Fg, Buf b, Buf pivot, Buf x, int n) {
+  const V one = splat<V>(1.0), zero = splat<V>(0.0);
+  for (int k = 0; k < n; ++k) {
+    V d = g[k], rhs = Fg[k];
+    for (int j = k + 1; j < n; ++j) d += V(L[k * n + j]), rhs += V(F[k * n + j]);
+    const auto positive = d > 0;
+    const V inv = select(positive, one / select(positive, d, one), zero);
+    pivot[k] = inv, b[k] = rhs;
+    for (int i = k + 1; i < n; ++i) x[i] = V(L[k * n + i]) * inv;  // the multipliers
+    const V fk = V(g[k]) * inv, Fgk = Fg[k];
+    for (int i = k + 1; i < n; ++i) {
+      const V f = x[i], Fki = F[k * n + i];
+      for (int j = i + 1; j < n; ++j) {
+        L[i * n + j] = V(L[i * n + j]) + f * V(L[k * n + j]);
+        F[i * n + j] = V(F[i * n + j]) + (f * V(F[k * n + j]) - V(x[j]) * Fki);
+      }
+      g[i] = V(g[i]) + f * V(g[k]);
+      Fg[i] = V(Fg[i]) + (f * Fgk - fk * Fki);
+    }
+  }
+  for (int k = n - 1; k >= 0; --k) {
+    V acc = b[k];
+    for (int j = k + 1; j < n; ++j) acc += V(L[k * n + j]) * V(x[j]);
+    x[k] = acc * V(pivot[k]);
+  }
+}
+
 // Cholesky A = U^T U of a symmetric matrix (upper triangle), in place: U's upper triangle with the
 // reciprocals of its diagonal. Returns the lanes where every pivot was positive (A positive
 // definite, the test LAPACK's potrf applies); other lanes' factors are undefined.

@@ -54,7 +54,7 @@ import torch
 
 from ..constants import ARMIJO, CONVERGED_LOG_STEP, MAX_HALVINGS, MAX_LOG_STEP
 from ..inputs import PackedProblem, Solution, scatter_classes, segment_sum
-from ..linalg import grounded_laplacian_solve
+from ..linalg import grounded_laplacian_solve_flows
 from .common import full_precision, masked_gram, row_chunks, teacher_pairs
 
 
@@ -102,6 +102,7 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
     shared_column = (mask.sum(dim=0) > 1)[ci]
     ground = teachers - 1 - torch.argmax(segment_sum(e * shared_column, layout).flip(1), dim=1)
     grounded = torch.nn.functional.one_hot(ground, teachers).bool()
+    to_top = ti * teachers + _top_teachers(e, n, layout)[:, ci]  # packed column -> its flow's entry (i, top)
     t = torch.log(weights) - torch.log((n / n.sum(dim=1, keepdim=True)) @ mask.T)  # sd's q gives the start
     out = {
         "iterations": torch.zeros(batch, dtype=torch.int32, device=device),
@@ -123,7 +124,13 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
         gap = torch.where(ev, (kkt - 1).abs(), 0)
         out["residual"][active] = gap.amax(dim=1)
         out["abs_residual"][active] = (na * gap).amax(dim=1) / total
-        grad = segment_sum((r[:, ti] / d[:, ci]) * na[:, ci] - ea, layout)
+        # the gradient as flows between teachers (module docstring): each class's difference flows
+        # from its teacher to the class's top teacher; F = P - P^T is exactly antisymmetric
+        diff = (r[:, ti] / d[:, ci]) * na[:, ci] - ea
+        entry = to_top[active] + teachers * teachers * torch.arange(active.numel(), device=device).unsqueeze(1)
+        flow = ea.new_zeros(active.numel() * teachers * teachers).index_add_(0, entry.flatten(), diff.flatten())
+        flow = flow.view(-1, teachers, teachers)
+        flow = flow - flow.transpose(1, 2)
         sys_dtype = system_mask.dtype
         rs = r.to(sys_dtype)
         links = (
@@ -132,10 +139,15 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
         links.diagonal(dim1=1, dim2=2).zero_()
         # the grounded teacher's links become the others' ground; with none left, its step is 0
         ga = grounded[active]
-        to_ground = links.gather(2, ground[active][:, None, None].expand(-1, teachers, 1)).squeeze(2)
-        links = links.masked_fill(ga.unsqueeze(2) | ga.unsqueeze(1), 0)
-        rhs = (-grad).to(sys_dtype).masked_fill(ga, 0)
-        solved, _ = grounded_laplacian_solve(links, to_ground.masked_fill(ga, 0), rhs)
+        # (and its flows, the others' flows to ground: the right-hand side is -grad, minus the flows)
+        column = ground[active][:, None, None].expand(-1, teachers, 1)
+        off = ga.unsqueeze(2) | ga.unsqueeze(1)
+        to_ground = links.gather(2, column).squeeze(2).masked_fill(ga, 0)
+        out_flow = (-flow).to(sys_dtype)
+        out_to_ground = out_flow.gather(2, column).squeeze(2).masked_fill(ga, 0)
+        solved, _ = grounded_laplacian_solve_flows(
+            links.masked_fill(off, 0), to_ground, out_flow.masked_fill(off, 0), out_to_ground
+        )
         step = solved.double().masked_fill(ga, 0)
         step = step * (MAX_LOG_STEP / step.abs().amax(dim=1, keepdim=True).clamp_min(MAX_LOG_STEP))
         with full_precision():
@@ -148,13 +160,16 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
 
         # backtracking from the full step; a converged row may take only the full (tiny) step, and
         # a row out of iterations none
-        slope = (grad * step).sum(dim=1)
+        slope = (flow * (step.unsqueeze(2) - step.unsqueeze(1))).sum(dim=(1, 2)) / 2
         searching = (slope < 0) & ~done if iteration < max_iter else torch.zeros_like(done)
         a = torch.ones_like(slope)
+        # each class's steps relative to its top teacher's: exactly 0 where they are equal
+        rel = step[:, ti] - step.gather(1, to_top[active] % teachers)
         accepted = torch.zeros_like(done)
         for _ in range(MAX_HALVINGS):
-            spread = ((r * torch.expm1(a.unsqueeze(1) * step)) @ mask) / d  # sum_i pi_il expm1(a d_i)
-            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a.unsqueeze(1) * m), 0).sum(dim=1)
+            spread = scatter_classes(r[:, ti] * torch.expm1(a.unsqueeze(1) * rel), layout) / d
+            below = scatter_classes(r[:, ti] * rel, layout) / d  # m_l - (the top teacher's step)
+            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a.unsqueeze(1) * below), 0).sum(dim=1)
             ok = (searching | done) & ~accepted & (change_f <= ARMIJO * a * slope) & torch.isfinite(change_f)
             accepted |= ok
             if not bool((searching & ~accepted).any()):
@@ -169,3 +184,16 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
     x = torch.where(evidence, n / (r @ mask).clamp_min(tiny), 0)
     out["soft"] = x / x.sum(dim=1, keepdim=True)
     return out
+
+
+def _top_teachers(e: torch.Tensor, n: torch.Tensor, layout) -> torch.Tensor:
+    """``(B, K)``: per row and class, the covering teacher with the most evidence (the first of
+    equals); a class no teacher covers gets teacher 0."""
+    ci, ti = layout.class_index, layout.teacher_index
+    columns = e.shape[1]
+    most = torch.zeros_like(n).scatter_reduce(1, ci.expand_as(e), e, "amax", include_self=False)
+    column = torch.arange(columns, device=e.device).expand_as(e)
+    first = torch.full_like(n, columns, dtype=torch.long).scatter_reduce(
+        1, ci.expand_as(e), torch.where(e == most[:, ci], column, columns), "amin"
+    )
+    return ti[first.clamp_max(columns - 1)]
