@@ -26,6 +26,11 @@ MAX_LOG_STEP = 2.0
 # a step, Newton's pace on an exponential, while the step's first-order change of the soft labels
 # is 1e-10 and passes `tol`). Rows above it iterate on.
 CONVERGED_LOG_STEP = 0.25
+# `ce`'s line search compares F's change, less this many float64 units of roundoff of the terms it is
+# summed from, with Armijo's bound: a step whose change is lost in that rounding is taken (F cannot
+# rise by more). On the rounded value, rows whose remaining steps move teachers of tiny mass (their
+# change of F below the rounding of the larger groups' terms) stalled unconverged at errors of 1e-12.
+CHANGE_ROUNDING = 8 * 2.0**-53
 # Probabilities are clamped to this before taking logs (logit-space methods).
 DEFAULT_EPS = 1e-12
 # The weight of the uniform prior teacher when the class-overlap graph is disconnected and the

@@ -1,14 +1,15 @@
 // `ce`: damped Newton on the teacher-space dual, a tile of samples in lockstep. The algorithm,
 // its precision rules and its convergence test are those of uhc_fast/reference/ce.py (read its
-// docstring first): state in double, the Newton system in S (float lanes for float32 answers),
-// the grounded Laplacian solved by positive elimination, steps capped at kMaxLogStep, and a line
-// search measuring F's change term by term. One shortcut the reference does not take: a full step
+// docstring first): state in double, the gradient as flows between teachers (to each group's top
+// teacher), the Newton system in S (float lanes for float32 answers), the grounded Laplacian solved
+// by positive elimination in flow form, steps capped at kMaxLogStep, and a line search measuring
+// F's change term by term. One shortcut the reference does not take: a full step
 // whose curvature bound already passes Armijo's test is accepted without F's per-group logarithms
 // (full_step_bound; the same decision, since the bound is above the exact change).
 //
 // Classes covered by the same teachers ("groups") share D_g = sum_{i in g} exp(t_i), so every
 // per-iteration loop runs over groups and their (group, teacher) entries: O(E) for the point and
-// each line-search trial, O(sum_g d_g^2) for the Newton system, O(N^3) to solve it.
+// each line-search trial and the flows, O(sum_g d_g^2) for the Newton system, O(N^3) to solve it.
 #pragma once
 
 #include "linalg.h"
@@ -21,16 +22,22 @@ struct CeScratch {
   using D = typename Lanes<W>::D;
   View<Arena, D> n;                             // class evidence (K)
   View<Arena, D> row;                           // one teacher's rows (at most K values)
-  View<Arena, D> Ng, Mg, Dg, inv, x, mg, trial, next;  // per group: evidence, largest class evidence, D_g,
-                                                       // 1 / D_g, N_g / D_g, step mean, the trial's D_g, next D_g
-  View<Arena, D> t, r, grad, step, mass, shared, shared_low, evidence_shared, evidence_low, ex, moved, wm, rs;  // per teacher
+  View<Arena, D> entry;                         // per (group, teacher) entry: the teacher's evidence e_ig on the group
+  View<Arena, D> Ng, Mg, top, Dg, inv, x, mg, trial, next;  // per group: evidence, largest class evidence, the
+                                                            // teacher with the most evidence (its index, per
+                                                            // lane), D_g, 1 / D_g, N_g / D_g, step mean, the
+                                                            // trial's D_g, next D_g
+  View<Arena, D> t, r, step, mass, evidence_shared, moved, wm, rs, ex, ex_size;  // per teacher
+  View<Arena, D> to_top;  // N x N: the gradient's flows P_ij (to each group's top teacher j)
   View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
-  View<Arena, S> links, ground, rhs, pivot, sol;  // the grounded Newton system
+  View<Arena, S> links, ground, flows, flows_to_ground, rhs, pivot, sol;  // the grounded Newton system
   UHC_HD CeScratch(Arena& a, const Structure& s)
       : n(a.template take<D>(s.K)),
         row(a.template take<D>(s.K)),
+        entry(a.template take<D>(s.E)),
         Ng(a.template take<D>(s.G)),
         Mg(a.template take<D>(s.G)),
+        top(a.template take<D>(s.G)),
         Dg(a.template take<D>(s.G)),
         inv(a.template take<D>(s.G)),
         x(a.template take<D>(s.G)),
@@ -39,20 +46,20 @@ struct CeScratch {
         next(a.template take<D>(s.G)),
         t(a.template take<D>(s.N)),
         r(a.template take<D>(s.N)),
-        grad(a.template take<D>(s.N)),
         step(a.template take<D>(s.N)),
         mass(a.template take<D>(s.N)),
-        shared(a.template take<D>(s.N)),
-        shared_low(a.template take<D>(s.N)),
         evidence_shared(a.template take<D>(s.N)),
-        evidence_low(a.template take<D>(s.N)),
-        ex(a.template take<D>(s.N)),
         moved(a.template take<D>(s.N)),
         wm(a.template take<D>(s.N)),
         rs(a.template take<D>(s.N)),
+        ex(a.template take<D>(s.N)),
+        ex_size(a.template take<D>(s.N)),
+        to_top(a.template take<D>(int64_t(s.N) * s.N)),
         curvature(a.template take<S>(s.G)),
         links(a.template take<S>(int64_t(s.N) * s.N)),
         ground(a.template take<S>(s.N)),
+        flows(a.template take<S>(int64_t(s.N) * s.N)),
+        flows_to_ground(a.template take<S>(s.N)),
         rhs(a.template take<S>(s.N)),
         pivot(a.template take<S>(s.N)),
         sol(a.template take<S>(s.N)) {}
@@ -105,30 +112,46 @@ struct CeSolver {
   UHC_HD const Structure& s() const { return tile.s(); }
   static UHC_HD D num(double x) { return splat<D>(x); }
 
-  // Adds teacher i's evidence, wi times its columns' values value(j - offsets[i]), to n, and sets
-  // its evidence on the groups it shares, as a sum and its rounding error (two_sum): what the
-  // gradient needs.
+  // Adds teacher i's evidence, wi times its columns' values value(j - offsets[i]), to n and to its
+  // (group, teacher) entries, and sets its evidence on the groups it shares (which teacher is
+  // grounded).
   template <class Value>
   UHC_HD void add_teacher(int i, const D& wi, Value value) const {
     const Structure& st = s();
     const int lo = st.offsets[i];
-    D on_shared = num(0), low = num(0);
+    D on_shared = num(0);
     for (int j = lo; j < st.offsets[i + 1]; ++j) {
       const int l = st.class_index[j], g = st.class_group[l];
       const D v = wi * value(j - lo);
       sc.n[l] = D(sc.n[l]) + v;
-      if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) two_sum(on_shared, low, v);
+      const int k = st.col_entry ? st.col_entry[j] : entry_of(g, i);
+      sc.entry[k] = D(sc.entry[k]) + v;
+      if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) on_shared += v;
     }
-    sc.evidence_shared[i] = on_shared, sc.evidence_low[i] = low;
+    sc.evidence_shared[i] = on_shared;
   }
 
-  // n (per class) and, per teacher, its evidence on the groups it shares, read from the teachers'
-  // rows one teacher at a time (every lane's row into sc.row); returns the lanes whose rows passed
-  // the checks.
+  // Teacher i's entry in group g (a structure built per sample has no col_entry).
+  UHC_HD int entry_of(int g, int i) const {
+    const Structure& st = s();
+    int k = st.grp_ptr[g];
+    while (st.grp_teacher[k] != i) ++k;
+    return k;
+  }
+
+  UHC_HD void clear_evidence() const {
+    const Structure& st = s();
+    for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
+    for (int k = 0; k < st.E; ++k) sc.entry[k] = num(0);
+  }
+
+  // n (per class), the (group, teacher) entries and, per teacher, its evidence on the groups it
+  // shares, read from the teachers' rows one teacher at a time (every lane's row into sc.row);
+  // returns the lanes whose rows passed the checks.
   UHC_HD M read_evidence() const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
-    for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
+    clear_evidence();
     M valid = num(0) == num(0);
     for (int i = 0; i < st.N; ++i) {
       D scale = num(1);
@@ -144,7 +167,7 @@ struct CeSolver {
   UHC_HD void packed_evidence(Packed p) const {
     const Structure& st = s();
     const double* w = tile.prob.weights;
-    for (int l = 0; l < st.K; ++l) sc.n[l] = num(0);
+    clear_evidence();
     for (int i = 0; i < st.N; ++i) {
       const int lo = st.offsets[i];
       add_teacher(i, num(w[i]), [&](int j) { return D(p[lo + j]); });
@@ -152,7 +175,8 @@ struct CeSolver {
     group_evidence();
   }
 
-  // N_g and M_g: per group, the total and the largest class evidence.
+  // N_g and M_g: per group, the total and the largest class evidence; and its top teacher, the one
+  // with the most evidence on it (the first of equals), to which the others' gradient terms flow.
   UHC_HD void group_evidence() const {
     const Structure& st = s();
     for (int g = 0; g < st.G; ++g) {
@@ -162,6 +186,14 @@ struct CeSolver {
         sum += nl, top = vmax(top, nl);
       }
       sc.Ng[g] = sum, sc.Mg[g] = top;
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      D most = lo < hi ? D(sc.entry[lo]) : num(0), who = num(lo < hi ? st.grp_teacher[lo] : 0);
+      for (int k = lo + 1; k < hi; ++k) {
+        const D e = sc.entry[k];
+        const auto more = e > most;
+        most = select(more, e, most), who = select(more, num(st.grp_teacher[k]), who);
+      }
+      sc.top[g] = who;
     }
   }
 
@@ -187,8 +219,8 @@ struct CeSolver {
 
   // From D_g (first rescaled by `rescale`, as r was): 1 / D_g, x_g = N_g / D_g and the Newton
   // system's link weight N_g / D_g^2 per group; per teacher the mass it covers,
-  // mass_i = sum_{g covers i} x_g, and (`with_gradient`: all but the final point) the gradient
-  // (below). Returns Z = sum_g x_g.
+  // mass_i = sum_{g covers i} x_g, and (`with_gradient`: all but the final point) the gradient as
+  // flows (flow_to_top). Returns Z = sum_g x_g.
   UHC_HD D point(const D& rescale, bool with_gradient = true) const {
     const Structure& st = s();
     D Z = num(0);
@@ -200,43 +232,59 @@ struct CeSolver {
       Z += x;
     }
     if (!with_gradient) return Z;
-    if (st.tch_ptr) {  // by teacher, in registers: first the groups it shares
-      for (int i = 0; i < st.N; ++i) {
-        const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-        D on_shared, low;
-        gather_two_sum<D>(sc.x, st.tch_group, lo, mid, on_shared, low);
-        sc.mass[i] = on_shared + gather_sum<D>(sc.x, st.tch_group, mid, hi);
-        gradient(i, on_shared, low);
-      }
+    if (st.tch_ptr) {  // by teacher, in registers
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = gather_sum<D>(sc.x, st.tch_group, st.tch_ptr[i], st.tch_ptr[i + 1]);
     } else {  // group by group
-      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0), sc.shared[i] = num(0), sc.shared_low[i] = num(0);
-      for (int g = 0; g < st.G; ++g) {
-        const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-        const D x = sc.x[g];
-        for (int k = lo; k < hi; ++k) {
-          const int i = st.grp_teacher[k];
-          sc.mass[i] = D(sc.mass[i]) + x;
-          if (hi - lo > 1) {
-            D on_shared = sc.shared[i], low = sc.shared_low[i];
-            two_sum(on_shared, low, x);
-            sc.shared[i] = on_shared, sc.shared_low[i] = low;
-          }
-        }
-      }
-      for (int i = 0; i < st.N; ++i) gradient(i, sc.shared[i], sc.shared_low[i]);
+      for (int i = 0; i < st.N; ++i) sc.mass[i] = num(0);
+      for (int g = 0; g < st.G; ++g)
+        for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k)
+          sc.mass[st.grp_teacher[k]] = D(sc.mass[st.grp_teacher[k]]) + D(sc.x[g]);
     }
+    flow_to_top();
     return Z;
   }
 
-  // g_i = sum_{g covers i} (pi_ig N_g - e_ig) = r_i shared_i - evidence_shared_i, from both sums and
-  // their rounding errors: a group one teacher covers contributes exactly 0 and is left out of both.
-  // Where teachers are joined only through classes of tiny mass, the gradient's information is in
-  // the tiny groups' terms; the large ones can cancel exactly (symmetric teachers), and plain sums
-  // rounded the tiny terms away: a zero gradient, a zero step, and rows reported converged 0.5 off.
-  // (The reference forms each class's difference first, which keeps them too.)
-  UHC_HD void gradient(int i, const D& on_shared, const D& low) const {
-    const D ri = sc.r[i];
-    sc.grad[i] = (ri * on_shared - D(sc.evidence_shared[i])) + (ri * low - D(sc.evidence_low[i]));
+  // The gradient g_i = sum_{g covers i} (pi_ig N_g - e_ig) as flows between teachers
+  // (reference/ce.py says why): each group's term of every teacher but its top one flows to the
+  // top one, P_{i top} += pi_ig N_g - e_ig; g_i = sum_j (P_ij - P_ji). A group one teacher covers has
+  // no flow. The top teacher differs between lanes, so the flows are added lane by lane.
+  UHC_HD void flow_to_top() const {
+    const Structure& st = s();
+    const int N = st.N;
+    for (int k = 0; k < N * N; ++k) sc.to_top[k] = num(0);
+    for (int g = 0; g < st.G; ++g) {
+      const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
+      if (hi - lo < 2) continue;
+      const D inv = sc.inv[g], Ng = sc.Ng[g];
+      int top[W];
+      for (int l = 0; l < W; ++l) top[l] = static_cast<int>(lane(D(sc.top[g]), l));
+      for (int k = lo; k < hi; ++k) {
+        const int i = st.grp_teacher[k];
+        const D term = D(sc.r[i]) * inv * Ng - D(sc.entry[k]);  // (pi_ig first: exactly 0 between equal teachers)
+        // (the top teacher's own term lands on the diagonal, which F leaves out: no branch)
+        if constexpr (W > 1) {  // lane by lane, as scalars in memory
+          double lanes[W];
+          std::memcpy(lanes, &term, sizeof(lanes));
+          double* row = reinterpret_cast<double*>(&sc.to_top[i * N]);
+          for (int l = 0; l < W; ++l) row[top[l] * W + l] += lanes[l];
+        } else {
+          add_to_lane(sc.to_top[i * N + top[0]], 0, lane(term, 0));
+        }
+      }
+    }
+  }
+
+  // The flow F_ij = P_ij - P_ji from teacher i to j (exactly antisymmetric).
+  UHC_HD D flow(int i, int j) const { return D(sc.to_top[i * s().N + j]) - D(sc.to_top[j * s().N + i]); }
+
+  // The gradient's slope along the step, sum_i g_i step_i = sum_{i<j} F_ij (step_i - step_j): a
+  // common shift of the step cancels exactly.
+  UHC_HD D slope() const {
+    const int N = s().N;
+    D out = num(0);
+    for (int i = 0; i < N; ++i)
+      for (int j = i + 1; j < N; ++j) out += flow(i, j) * (D(sc.step[i]) - D(sc.step[j]));
+    return out;
   }
 
   // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep; returns its longest
@@ -265,21 +313,30 @@ struct CeSolver {
     const S zero = splat<S>(0.0), k = lanes_cast<S>(grounded);
     S rk = zero;
     for (int j = 0; j < N; ++j) rk = select(k == S(splat<S>(j)), lanes_cast<S>(D(sc.r[j])), rk);
+    // the right-hand side -g as the flows -F (flow_to_top), the grounded teacher's becoming the
+    // others' flows to ground
     for (int i = 0; i < N; ++i) {
-      S link = zero;  // C_ik
+      S link = zero, out = zero;  // C_ik, -F_ik
       for (int j = 0; j < N; ++j)
-        if (j != i) link = select(k == S(splat<S>(j)), S(sc.links[i < j ? i * N + j : j * N + i]), link);
+        if (j != i) {
+          const auto is_j = k == S(splat<S>(j));
+          link = select(is_j, S(sc.links[i < j ? i * N + j : j * N + i]), link);
+          out = select(is_j, lanes_cast<S>(flow(j, i)), out);
+        }
       const auto is_k = k == S(splat<S>(i));
       sc.ground[i] = select(is_k, zero, lanes_cast<S>(D(sc.r[i])) * rk * link);
-      sc.rhs[i] = select(is_k, zero, lanes_cast<S>(-D(sc.grad[i])));
+      sc.flows_to_ground[i] = select(is_k, zero, out);
     }
     for (int i = 0; i < N; ++i) {
       const S ri = lanes_cast<S>(D(sc.r[i]));
       const auto is_k = k == S(splat<S>(i));
-      for (int j = i + 1; j < N; ++j)
-        sc.links[i * N + j] = select(is_k | (k == S(splat<S>(j))), zero, ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]));
+      for (int j = i + 1; j < N; ++j) {
+        const auto off = is_k | (k == S(splat<S>(j)));
+        sc.links[i * N + j] = select(off, zero, ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]));
+        sc.flows[i * N + j] = select(off, zero, lanes_cast<S>(flow(j, i)));
+      }
     }
-    grounded_laplacian_solve<S>(sc.links, sc.ground, sc.rhs, sc.pivot, sc.sol, N);
+    grounded_laplacian_solve_flows<S>(sc.links, sc.ground, sc.flows, sc.flows_to_ground, sc.rhs, sc.pivot, sc.sol, N);
     D longest = num(0);
     for (int i = 0; i < N; ++i)
       sc.step[i] = select(grounded == num(i), num(0), lanes_cast<D>(S(sc.sol[i]))), longest = vmax(longest, vabs(D(sc.step[i])));
@@ -341,18 +398,24 @@ struct CeSolver {
   }
 
   // F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g),
-  // each term formed without cancelling F's large values.
+  // each term formed without cancelling F's large values, less a bound on the rounding of those
+  // terms (reference/ce.py: CHANGE_ROUNDING says why).
   UHC_HD D change(const D& a, const D& slope) const {
     const Structure& st = s();
-    for (int i = 0; i < st.N; ++i) sc.ex[i] = D(sc.r[i]) * vexpm1(a * D(sc.step[i]));
-    D total = a * slope;
+    for (int i = 0; i < st.N; ++i) {
+      const D ex = D(sc.r[i]) * vexpm1(a * D(sc.step[i]));
+      sc.ex[i] = ex, sc.ex_size[i] = vabs(ex) + vabs(a * D(sc.rs[i]));
+    }
+    D total = a * slope, rounding = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      D spread = num(0);
-      for (int k = lo; k < hi; ++k) spread += D(sc.ex[st.grp_teacher[k]]);
-      total += D(sc.Ng[g]) * (vlog1p(spread * D(sc.inv[g])) - a * D(sc.mg[g]));
+      D spread = num(0), size = num(0);
+      for (int k = lo; k < hi; ++k) spread += D(sc.ex[st.grp_teacher[k]]), size += D(sc.ex_size[st.grp_teacher[k]]);
+      const D inv = sc.inv[g], Ng = sc.Ng[g];
+      total += Ng * (vlog1p(spread * inv) - a * D(sc.mg[g]));
+      rounding += Ng * size * inv;
     }
-    return total;
+    return total - kChangeRounding * rounding;
   }
 
   // Solve the tile from its evidence (read_evidence or packed_evidence first); q (K lanes) ends in
@@ -381,8 +444,7 @@ struct CeSolver {
     for (int iteration = 0;; ++iteration) {
       const D Z = point(rescale);
       const D longest = newton_step();
-      D slope = zero;
-      for (int i = 0; i < st.N; ++i) slope += D(sc.grad[i]) * D(sc.step[i]);
+      const D slope = this->slope();
       D relative, absolute, pred, change_full;
       measure(Z, slope, active, relative, absolute, pred, change_full);
       rep.residual = select(active, relative, rep.residual);

@@ -11,6 +11,7 @@ constexpr double kArmijo = 1e-4;      // sufficient decrease of every backtracki
 constexpr int kMaxHalvings = 40;      // how often a line search may halve its step
 constexpr double kMaxLogStep = 2.0;   // the largest Newton step in a log-scale variable
 constexpr double kConvergedLogStep = 0.25;  // ce's longest Newton step (log-scale) at convergence
+constexpr double kChangeRounding = 8 * 0x1p-53;  // ce's line search: the rounding it allows F's change
 constexpr double kMinScale = 1e-3;    // the smallest mf-lu teacher scale
 
 }  // namespace UHC_NAMESPACE

@@ -65,6 +65,7 @@ UHC_HD bool lane(bool x, int) { return x; }
 UHC_HD void set_lane(double& x, int, double value) { x = value; }
 UHC_HD void set_lane(float& x, int, float value) { x = value; }
 UHC_HD void set_lane(bool& x, int, bool value) { x = value; }
+UHC_HD void add_to_lane(double& slot, int, double x) { slot += x; }
 UHC_HD bool lnot(bool m) { return !m; }
 UHC_HD bool any(bool m) { return m; }
 UHC_HD bool all(bool m) { return m; }
@@ -101,6 +102,12 @@ inline lane_type<V> lane(const V& v, int i) {
 template <class V, class T, class = decltype(V{}[0])>
 inline void set_lane(V& v, int i, T value) {
   v[i] = value;
+}
+// Adds x to lane i of a vector in memory, in place: one scalar read and write (a whole-vector
+// read-modify-write of one lane stalls the next one's read on the store).
+template <class V, class T, class = decltype(V{}[0])>
+inline void add_to_lane(V& slot, int i, T x) {
+  slot[i] += x;
 }
 template <class M, class = decltype(M{}[0] == 0)>
 inline M lnot(const M& m) {
@@ -213,27 +220,6 @@ UHC_HD V gather_sum(const Values& values, const int32_t* index, int lo, int hi) 
   }
   for (; k < hi; ++k) a += V(values[index[k]]);
   return (a + b) + (c + d);
-}
-
-// s + x, rounded, into s and its rounding error added to c (Knuth's TwoSum, exact for any s and x):
-// sums that keep terms far below the rounding of their largest ones.
-template <class V>
-UHC_HD void two_sum(V& s, V& c, const V& x) {
-  const V t = s + x, z = t - s;
-  c += (s - (t - z)) + (x - z);
-  s = t;
-}
-
-// gather_sum's sum as `sum` and its rounding errors (two_sum) as `low`, in two independent chains.
-template <class V, class Values>
-UHC_HD void gather_two_sum(const Values& values, const int32_t* index, int lo, int hi, V& sum, V& low) {
-  V a = splat<V>(0.0), b = a, a_low = a, b_low = a;
-  int k = lo;
-  for (; k + 2 <= hi; k += 2) two_sum(a, a_low, V(values[index[k]])), two_sum(b, b_low, V(values[index[k + 1]]));
-  if (k < hi) two_sum(a, a_low, V(values[index[k]]));
-  low = a_low + b_low;
-  two_sum(a, low, b);
-  sum = a;
 }
 
 // Carves one tile's scratch out of a byte buffer: arrays of elements of any lane type, each

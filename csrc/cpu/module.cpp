@@ -160,7 +160,7 @@ PYBIND11_MODULE(_native_cpu, m) {
   py::dict constants;
   constants["DEFAULT_MAX_ITER"] = uhc::kDefaultMaxIter, constants["ARMIJO"] = uhc::kArmijo;
   constants["MAX_HALVINGS"] = uhc::kMaxHalvings, constants["MAX_LOG_STEP"] = uhc::kMaxLogStep;
-  constants["CONVERGED_LOG_STEP"] = uhc::kConvergedLogStep;
+  constants["CONVERGED_LOG_STEP"] = uhc::kConvergedLogStep, constants["CHANGE_ROUNDING"] = uhc::kChangeRounding;
   constants["MIN_SCALE"] = uhc::kMinScale;
   m.attr("constants") = constants;
   py::list sections;

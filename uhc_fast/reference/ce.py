@@ -6,21 +6,27 @@ convex dual
 
     F(t) = sum_l n_l log D_l(t) - sum_i w_i t_i        (N unknowns, not K).
 
-Its gradient is ``g_i = sum_{l in L_i} (pi_il n_l - w_i p_il)`` (``pi_il = r_i / D_l``), summed after
-each class's difference is formed: a class only teacher i covers contributes exactly 0, so where a
-teacher is linked to the others only through a class of tiny mass, its gradient keeps the
-precision of that class's term instead of drowning in the rounding of ``w_i`` (``r_i sum_l n_l /
-D_l - w_i`` loses it). Its Hessian is the weighted graph Laplacian of the teachers with links
-``W_ij = r_i r_j sum_l M_il M_jl n_l / D_l^2``: F is invariant to a common shift of t, so one
-teacher per row is grounded (its step is 0) and the rest is solved by positive elimination
-(:func:`uhc_fast.linalg.grounded_laplacian_solve`), which keeps the relative precision of weak links
-(teachers joined only through classes of tiny mass: the hard case). The grounded teacher is the one
-with the most evidence on the classes it shares (the last of equals): its gradient is formed from
-the largest terms, so it is the least precise, and it is the one the solve does not use. A heavy
-teacher among light ones, or a teacher of a well-covered block beside one joined to it only through
-classes of tiny mass, whose own gradient alone says how the mass splits. (Grounding the last
-teacher whatever its weight left a teacher of weight 1e-10 beside one of weight 1 never converged,
-and rows of confident teachers reported converged 2e-3 off.)
+Its gradient is ``g_i = sum_{l in L_i} (pi_il n_l - w_i p_il)`` (``pi_il = r_i / D_l``). Its Hessian is
+the weighted graph Laplacian of the teachers with links ``W_ij = r_i r_j sum_l M_il M_jl n_l / D_l^2``:
+F is invariant to a common shift of t, so one teacher per row is grounded (its step is 0) and the
+rest is solved by positive elimination (:mod:`uhc_fast.linalg`), which keeps the relative precision
+of weak links (teachers joined only through classes of tiny mass: the hard case). The grounded
+teacher is the one with the most evidence on the classes it shares (the last of equals).
+
+The gradient as flows. Where a block of teachers is joined to the rest only through classes of
+tiny mass, the step along the split (the block moving against the rest) is the sum of the block's
+gradients over the weak link, and that sum is the small total of the terms of the classes that
+join the block to the rest: summed from the block's g_i, whose other terms are large and cancel,
+it drowned in their rounding (1e-26 against 1e-28), the step saw no split, and rows of confident
+teachers were reported converged up to 0.5 off. So each class's difference ``pi_il n_l - w_i p_il``
+is a flow from teacher i to the class's top teacher (the covering teacher with the most evidence
+on it, the first of equals): ``F = P - P^T``, exactly antisymmetric, ``g_i = sum_j F_ij``. A block's
+internal flows cancel exactly in any sum over it, the elimination carries the flows rather than
+their sums (:func:`uhc_fast.linalg.grounded_laplacian_solve_flows`), and the slope is
+``sum_{i<j} F_ij (d_i - d_j)``. (Relative to the top teacher each flow keeps the precision of its
+own terms; to a fixed teacher of tiny evidence, the heavy teacher's flow, formed from
+``n_l = big + tiny``, carried the rounding of the big term across the weak link.) A class only
+teacher i covers has no flow.
 
 Precision: the solver's state (t, evidence, gradient, primal point, line search) is float64
 whatever the input dtype; the Newton system is assembled and solved in the answer's dtype (float32
@@ -32,7 +38,7 @@ Globalisation: a Newton step is capped at ``MAX_LOG_STEP`` in every t_i (far fro
 ask for far more than its quadratic model holds), then backtracked from the full step with Armijo's
 test on ``F(t + a d) - F(t) = a g.d + sum_l n_l (log(1 + sum_i pi_il expm1(a d_i)) - a m_l)``
 (``pi_il = r_i / D_l``, ``m_l = sum_i pi_il d_i``), whose terms are computed without cancelling the
-large values of F.
+large values of F, less a bound on their rounding (``CHANGE_ROUNDING`` in constants.py says why).
 
 Convergence (``tol``) asks two things of the returned point: the relative optimality residual
 ``max_l |q_l sum_{i covers l} w_i / S_i(q) / n_l - 1|`` over classes with evidence (each class's own
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import ARMIJO, CONVERGED_LOG_STEP, MAX_HALVINGS, MAX_LOG_STEP
+from ..constants import ARMIJO, CHANGE_ROUNDING, CONVERGED_LOG_STEP, MAX_HALVINGS, MAX_LOG_STEP
 from ..inputs import PackedProblem, Solution, scatter_classes, segment_sum
 from ..linalg import grounded_laplacian_solve_flows
 from .common import full_precision, masked_gram, row_chunks, teacher_pairs
@@ -163,13 +169,13 @@ def _newton(e, layout, mask, system_mask, weights, pairs, tol, max_iter):
         slope = (flow * (step.unsqueeze(2) - step.unsqueeze(1))).sum(dim=(1, 2)) / 2
         searching = (slope < 0) & ~done if iteration < max_iter else torch.zeros_like(done)
         a = torch.ones_like(slope)
-        # each class's steps relative to its top teacher's: exactly 0 where they are equal
-        rel = step[:, ti] - step.gather(1, to_top[active] % teachers)
         accepted = torch.zeros_like(done)
         for _ in range(MAX_HALVINGS):
-            spread = scatter_classes(r[:, ti] * torch.expm1(a.unsqueeze(1) * rel), layout) / d
-            below = scatter_classes(r[:, ti] * rel, layout) / d  # m_l - (the top teacher's step)
-            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a.unsqueeze(1) * below), 0).sum(dim=1)
+            moved = r[:, ti] * torch.expm1(a.unsqueeze(1) * step[:, ti])
+            spread = scatter_classes(moved, layout) / d
+            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a.unsqueeze(1) * m), 0).sum(dim=1)
+            size = scatter_classes(moved.abs() + (a.unsqueeze(1) * r[:, ti] * step[:, ti]).abs(), layout) / d
+            change_f = change_f - CHANGE_ROUNDING * torch.where(ev, na * size, 0).sum(dim=1)  # (constants.py)
             ok = (searching | done) & ~accepted & (change_f <= ARMIJO * a * slope) & torch.isfinite(change_f)
             accepted |= ok
             if not bool((searching & ~accepted).any()):
