@@ -12,15 +12,24 @@ Work per sample, on the groups of classes covered by the same teachers (``plan.p
 
 - once: the teachers' rows (``read_sample``, one pass over HBM), class evidence ``n`` (K), entry
   evidence ``e`` (E), group evidence ``N_g`` and largest class evidence ``M_g`` (G);
+- once more: each group's top teacher (the covering teacher with the most evidence, G);
 - per Newton step: three passes over the group table (``D_g``; the KKT sums; the step's change
-  ``m_g``), two teacher passes over the entries (masses and gradient), one pass over the teacher
-  pairs' shared groups for the Laplacian's links (``P`` adds instead of a dense ``N x N x K``
-  product), an ``O(N^3)`` elimination on a register tile, and one group pass per line-search trial;
+  ``m_g``), two teacher passes over the entries (masses and shared evidence), one over the entries
+  one position at a time for the gradient's flows, one pass over the teacher pairs' shared groups
+  for the Laplacian's links (``P`` adds instead of a dense ``N x N x K`` product), an ``O(N^3)``
+  elimination on register tiles, and one group pass per line-search trial;
 - at the end: one pass over the classes writing the soft labels.
 
-Register state: ``t``, ``r``, the gradient, the step (``(BLOCK_N,)`` float64) and the Newton tile
-``(BLOCK_N, BLOCK_N)`` in ``SDT``. Per-group and per-entry state lives in the program's workspace
-(L1/L2-resident), laid out by :func:`workspace`.
+The gradient is carried as flows between teachers (uhc_fast/reference/ce.py; per group here, not per
+class): each entry's difference ``pi_ig N_g - e_ig`` flows from its teacher to the group's top
+teacher, ``F = P - P^T`` is exactly antisymmetric, and the Newton system is solved in flow form
+(:func:`.linalg.gth_solve_flows`), so a block of teachers joined to the rest only through groups of
+tiny mass gets the step its leaving flows ask for, not the rounding of its internal ones. The line
+search measures each group's steps relative to its top teacher's.
+
+Register state: ``t``, ``r``, the step (``(BLOCK_N,)`` float64), the flows ``(BLOCK_N, BLOCK_N)``
+in float64 and the Newton tiles ``(BLOCK_N, BLOCK_N)`` in ``SDT``. Per-group and per-entry state
+lives in the program's workspace (L1/L2-resident), laid out by :func:`workspace`.
 """
 
 from __future__ import annotations
@@ -76,20 +85,22 @@ from .inputs import (
     PARAM_TOL,
     read_sample,
 )
-from .linalg import gth_solve
+from .linalg import gth_solve_flows
 from .sd import class_evidence
 
 
 def workspace(sizes: dict) -> tuple[int, int]:
     """``(value row, float64 workspace)`` elements per program for `ce` (see :func:`regions`)."""
     n, k, g, e = sizes["N"], sizes["K"], sizes["G"], sizes["E"]
-    return sizes["nnz"], k + e + 6 * g + 2 * n + max(1, sizes["pairs_g"])
+    return sizes["nnz"], k + e + 7 * g + 2 * n + n * n + max(1, sizes["pairs_g"])
 
 
 @device_function
 def regions(ws, tables):
     """The workspace's regions: class evidence n (K), entry evidence e (E), per group N_g, M_g,
-    D_g, x_g, m_g and y_g (G each), two teacher vectors (N each), the pairs' links (pairs)."""
+    D_g, x_g, m_g and y_g (G each), two teacher vectors (N each), the gradient's flows (N x N) and
+    the groups' top teachers (G) (:func:`flow_regions`: not in the tuple, whose shape mf-p shares),
+    the pairs' links (pairs)."""
     K = hdr(tables, P_K)
     E = hdr(tables, P_E)
     G = hdr(tables, P_G)
@@ -104,8 +115,16 @@ def regions(ws, tables):
     yg = mm + G
     tv0 = yg + G
     tv1 = tv0 + N
-    pairs = tv1 + N
+    pairs = tv1 + N + N * N + G
     return n_cls, e_ent, ng, mg, dg, xg, mm, yg, tv0, tv1, pairs
+
+
+@device_function
+def flow_regions(tv1, N):
+    """The workspace's flows (N x N, row-major) and per-group top teachers (G, as float64), right
+    after the second teacher vector (from it: one more pointer carried through ce_solve's loop
+    spilled)."""
+    return tv1 + N, tv1 + N + N * N
 
 
 # ---------------------------------------------------------------------- passes
@@ -175,6 +194,34 @@ def group_evidence(tables, e_ent, n_cls, ng, mg, BLOCK_R: tl.constexpr):
 
 
 @device_function
+def group_tops(tables, e_ent, tops, BLOCK_R: tl.constexpr):
+    """Each group's top teacher (stored as float64): the covering teacher with the most evidence
+    ``e_ig``, the first of equals (a group's teachers are in ascending order). It depends on the
+    sample's evidence only; a group no teacher covers gets teacher 0."""
+    G = hdr(tables, P_G)
+    lanes = tl.arange(0, BLOCK_R)
+    width_ptr = sec(tables, S_G_WIDTH)
+    base_ptr = sec(tables, S_G_BASE)
+    tch_ptr = sec(tables, S_G_TCH)
+    pos_ptr = sec(tables, S_G_POS)
+    for c in range(hdr(tables, P_G_CHUNKS)):
+        rows = c * BLOCK_R + lanes
+        width = tl.load(width_ptr + c)
+        base = tl.load(base_ptr + c)
+        most = tl.full((BLOCK_R,), -1.0, tl.float64)
+        top = tl.zeros((BLOCK_R,), tl.int32)
+        for j in range(width):
+            teacher = tl.load(tch_ptr + base + j * BLOCK_R + lanes)
+            pos = tl.load(pos_ptr + base + j * BLOCK_R + lanes)
+            e = tl.load(e_ent + pos, mask=pos >= 0, other=-1.0)
+            more = (teacher >= 0) & (e > most)
+            most = tl.where(more, e, most)
+            top = tl.where(more, teacher, top)
+        tl.store(tops + rows, top.to(tl.float64), mask=rows < G)
+    tl.debug_barrier()
+
+
+@device_function
 def teacher_group_sum(tables, garr, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     """``sum_{g covers i} garr[g]`` per teacher, over the teacher-major entries."""
     start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
@@ -190,14 +237,9 @@ def teacher_group_sum(tables, garr, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.conste
 
 
 @device_function
-def entry_sums(
-    tables, r, dg, ng, e_ent, N, SHARED_EVIDENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr
-):
-    """Per teacher, a sum over its (group, teacher) entries: the gradient ``g_i = sum_{g covers i}
-    (pi_ig N_g - e_ig)``, each group's difference formed before the sum; or (``SHARED_EVIDENCE``)
-    its evidence on the groups it shares, the entries with ``N_g > e_ig`` (a group it alone covers
-    has ``N_g = e_ig`` exactly). Two calls, not one returning both: the second sum carried from one
-    to the other spilled in ``ce_solve``'s loop."""
+def shared_evidence(tables, ng, e_ent, N, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per teacher, its evidence on the groups it shares: the entries with ``N_g > e_ig`` (a group
+    it alone covers has ``N_g = e_ig`` exactly)."""
     start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
     group_ptr = sec(tables, S_ENT_GROUP)
     cols = tl.arange(0, BLOCK_T)
@@ -209,12 +251,31 @@ def entry_sums(
         g = tl.load(group_ptr + pos, mask=live, other=0)
         big_n = tl.load(ng + g, mask=live, other=0.0)
         e = tl.load(e_ent + pos, mask=live, other=0.0)
-        if SHARED_EVIDENCE:
-            acc += tl.where(live & (big_n > e), e, 0.0)
-        else:
-            d = tl.load(dg + g, mask=live, other=1.0)
-            acc += tl.where(live, r[:, None] / d * big_n - e, 0.0)
+        acc += tl.where(live & (big_n > e), e, 0.0)
     return rsum(acc, 1)
+
+
+@device_function
+def flows(tables, r, xg, e_ent, tops, N, BLOCK_N: tl.constexpr):
+    """The gradient as flows (float64 ``(BLOCK_N, BLOCK_N)``, ``g_i = sum_j F_ij``): each entry's
+    difference ``pi_ig N_g - e_ig = r_i x_g - e_ig`` flows from its teacher i to its group's top teacher, ``P[i][top]
+    += c_ig``, and ``F = P - P^T`` is exactly antisymmetric (uhc_fast/reference/ce.py). One entry
+    position of every teacher at a time: a one-hot of the tops against a ``(BLOCK_N, BLOCK_T)``
+    tile would need a ``BLOCK_N x BLOCK_T x BLOCK_N`` one."""
+    start, size = teacher_vector(tables, S_TCH_PTR, N, BLOCK_N)
+    group_ptr = sec(tables, S_ENT_GROUP)
+    offs = tl.arange(0, BLOCK_N)
+    out = tl.zeros((BLOCK_N, BLOCK_N), tl.float64)
+    for j in range(hdr(tables, P_TMAX_ENT)):
+        live = j < size
+        pos = start + j
+        g = tl.load(group_ptr + pos, mask=live, other=0)
+        x = tl.load(xg + g, mask=live, other=0.0)
+        e = tl.load(e_ent + pos, mask=live, other=0.0)
+        top = tl.load(tops + g, mask=live, other=-1.0).to(tl.int32)
+        c = r * x - e
+        out += tl.where(live[:, None] & (top[:, None] == offs[None, :]), c[:, None], 0.0)
+    return out - tl.trans(out)
 
 
 @device_function
@@ -281,11 +342,11 @@ def kkt(tables, w, mass, real, tv1, ng, mg, dg, N, BLOCK_N: tl.constexpr, BLOCK_
 def newton_step(
     tables,
     r,
-    grad,
     dg,
     ng,
     e_ent,
     yg,
+    tv1,
     pairs,
     N,
     max_log_step,
@@ -298,8 +359,14 @@ def newton_step(
     equals, as ``ground_teacher`` in ``csrc/core/ce.h``), capped at ``max_log_step`` in every t_i.
 
     The links ``W_ij = r_i r_j sum_{g covers i and j} N_g / D_g^2`` are summed per teacher pair
-    over its shared groups (``SDT``), then the Laplacian is solved on a register tile. Returns
-    ``(step, ok)``; ``ok`` is False when the solve gave a non-finite step (the step is then 0)."""
+    over its shared groups (``SDT``), then the Laplacian is solved on a register tile with the
+    gradient's :func:`flows` as the right-hand side. Returns ``(step, ok, slope)``: ``ok`` is False
+    when the solve gave a non-finite step (the step is then 0), and the slope ``g.step = sum_{i<j}
+    F_ij (step_i - step_j)`` is formed from the flows (a common shift of the steps cancels exactly).
+    The float64 flows wait in the workspace for the slope (a tile carried beside the solve spilled)."""
+    flow_ws, tops = flow_regions(tv1, N)
+    offs = tl.arange(0, BLOCK_N)
+    real = offs < N
     G = hdr(tables, P_G)
     lanes = tl.arange(0, BLOCK_R)
     for c0 in range(0, G, BLOCK_R):
@@ -323,14 +390,17 @@ def newton_step(
             acc += tl.load(yg + g, mask=g >= 0, other=0.0).to(SDT)
         tl.store(pairs + rows, acc.to(tl.float64), mask=rows < count)
     tl.debug_barrier()
-    offs = tl.arange(0, BLOCK_N)
-    real = offs < N
     # (formed here, not once per sample: one more value carried through ce_solve's loop spilled)
-    shared_evidence = entry_sums(tables, r, dg, ng, e_ent, N, True, BLOCK_N, BLOCK_T)
-    most = rmax(tl.where(real, shared_evidence, -1.0), 0)
-    grounded = rmax(tl.where(real & (shared_evidence == most), offs, -1), 0)
+    on_shared = shared_evidence(tables, ng, e_ent, N, BLOCK_N, BLOCK_T)
+    most = rmax(tl.where(real, on_shared, -1.0), 0)
+    grounded = rmax(tl.where(real & (on_shared == most), offs, -1), 0)
     # the grounded teacher's links become the others' ground; it keeps none (the solve gives it 0)
     free = real & (offs != grounded)
+    # the right-hand side -g as the flows -F; the grounded teacher's become the others' flows to ground
+    flow = flows(tables, r, dg + hdr(tables, P_G), e_ent, tops, N, BLOCK_N)  # (x_g follows D_g)
+    tl.store(flow_ws + offs[:, None] * N + offs[None, :], flow, mask=real[:, None] & real[None, :])
+    out = tl.where(free[:, None] & free[None, :], -flow, 0.0).to(SDT)
+    out_to_ground = tl.where(free, rsum(tl.where(offs[None, :] == grounded, -flow, 0.0), 1), 0.0).to(SDT)
     index = tl.load(
         sec(tables, S_PG_INDEX) + offs[:, None] * N + offs[None, :],
         mask=free[:, None] & free[None, :],
@@ -342,14 +412,19 @@ def newton_step(
     to_ground = tl.load(sec(tables, S_PG_INDEX) + offs * N + grounded, mask=free, other=-1)
     r_ground = pick(rs, offs, grounded)
     ground = rs * r_ground * tl.load(pairs + to_ground, mask=to_ground >= 0, other=0.0).to(SDT)
-    rhs = tl.where(free, -grad, 0.0).to(SDT)
-    x, _isolated = gth_solve(links, ground, rhs, N, BLOCK_N)  # isolated teachers get step 0, as the reference
+    # isolated teachers get step 0, as the reference
+    tl.debug_barrier()  # the flows stored
+    x, _isolated = gth_solve_flows(links, ground, out, out_to_ground, N, BLOCK_N)
     step = tl.where(free, x.to(tl.float64), 0.0)
     finite = rsum(tl.where(step == step, 0, 1), 0) == 0
     step = tl.where(finite, step, 0.0)
     longest = rmax(tl.abs(step), 0)
     step = step * (max_log_step / tl.maximum(longest, max_log_step))
-    return step, finite
+    slope = tl.zeros((), tl.float64)
+    for i in range(N):  # row by row: a pointer tile carried through the solve spilled
+        later = (offs > i) & real
+        slope += rsum(tl.load(flow_ws + i * N + offs, mask=later, other=0.0) * (pick(step, offs, i) - step), 0)
+    return step, finite, slope
 
 
 @device_function
@@ -384,9 +459,13 @@ def predicted(tables, r, step, Z, real, tv1, ng, mg, dg, mm, N, BLOCK_N: tl.cons
 
 
 @device_function
-def change(tables, a, slope, r, step, real, tv1, ng, dg, mm, N, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a m_g)``."""
-    store_vector(tv1, tl.where(real, r * expm1(a * step), 0.0), N, BLOCK_N)
+def change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a s_ig)) - a
+    sum_{i in g} pi_ig s_ig)`` with ``s_ig = step_i - step_top(g)``: the steps relative to the
+    group's top teacher's, exactly 0 for a group whose teachers all move together (the reference's
+    line search). ``r`` is in ``tv0`` (:func:`point`); the step goes into ``tv1``."""
+    store_vector(tv1, tl.where(real, step, 0.0), N, BLOCK_N)
+    _flow_ws, tops = flow_regions(tv1, N)
     G = hdr(tables, P_G)
     lanes = tl.arange(0, BLOCK_R)
     width_ptr = sec(tables, S_G_WIDTH)
@@ -396,11 +475,21 @@ def change(tables, a, slope, r, step, real, tv1, ng, dg, mm, N, BLOCK_N: tl.cons
     for c in range(hdr(tables, P_G_CHUNKS)):
         rows = c * BLOCK_R + lanes
         live = rows < G
-        spread = sell_sum(tch_ptr, tv1, tl.load(width_ptr + c), tl.load(base_ptr + c), lanes, BLOCK_R)
+        width = tl.load(width_ptr + c)
+        base = tl.load(base_ptr + c)
+        top_step = tl.load(tv1 + tl.load(tops + rows, mask=live, other=0.0).to(tl.int32), mask=live, other=0.0)
+        spread = tl.zeros((BLOCK_R,), tl.float64)
+        below = tl.zeros((BLOCK_R,), tl.float64)
+        for j in range(width):
+            teacher = tl.load(tch_ptr + base + j * BLOCK_R + lanes)
+            member = teacher >= 0
+            rel = tl.load(tv1 + teacher, mask=member, other=0.0) - top_step
+            r = tl.load(tv0 + teacher, mask=member, other=0.0)
+            spread += r * expm1(a * rel)
+            below += r * rel
         d = tl.load(dg + rows, mask=live, other=1.0)
-        m = tl.load(mm + rows, mask=live, other=0.0)
         big_n = tl.load(ng + rows, mask=live, other=0.0)
-        acc += tl.where(live, big_n * (log1p(spread / d) - a * m), 0.0)
+        acc += tl.where(live, big_n * (log1p(spread / d) - a * (below / d)), 0.0)
     return a * slope + rsum(acc, 0)
 
 
@@ -427,15 +516,12 @@ def ce_solve(
     offs = tl.arange(0, BLOCK_N)
     real = offs < N
     w = tl.load(weights_ptr + offs, mask=real, other=0.0)
-    total_w = rsum(w, 0)
-    tol = tl.load(params_ptr + PARAM_TOL)
-    armijo = tl.load(params_ptr + PARAM_ARMIJO)
-    max_log_step = tl.load(params_ptr + PARAM_MAX_LOG_STEP)
-    max_halvings = tl.load(params_ptr + PARAM_MAX_HALVINGS).to(tl.int32)
 
     class_evidence(tables, vals, weights_ptr, n_cls, BLOCK_R)
     entry_evidence(tables, vals, weights_ptr, e_ent, BLOCK_R)
     total_n = group_evidence(tables, e_ent, n_cls, ng, mg, BLOCK_R)
+    _flow_ws, tops = flow_regions(tv1, N)
+    group_tops(tables, e_ent, tops, BLOCK_R)
     # start at sd: t_i = log w_i - log S_i(n / sum n)
     mass = teacher_group_sum(tables, ng, N, BLOCK_N, BLOCK_T)
     t = tl.where(real, tl.log(tl.where(real, w, 1.0)) - tl.log(tl.where(real, mass, 1.0) / total_n), 0.0)
@@ -448,24 +534,30 @@ def ce_solve(
     active = valid
     iteration = 0
     running = 1
+    # (the loop re-reads the weights, the parameters and the regions' sizes where it uses them, and
+    # divides the absolute residual by the total weight at the end: carried through it, they spilled)
     while running != 0:
+        n_cls, e_ent, ng, mg, dg, xg, mm, yg, tv0, tv1, pairs = regions(ws, tables)
         r, Z, mass = point(tables, t, real, tv0, ng, dg, xg, N, BLOCK_N, BLOCK_R, BLOCK_T)
+        w = tl.load(weights_ptr + offs, mask=real, other=0.0)
         relative, absolute = kkt(tables, w, mass, real, tv1, ng, mg, dg, N, BLOCK_N, BLOCK_R)
-        grad = entry_sums(tables, r, dg, ng, e_ent, N, False, BLOCK_N, BLOCK_T)
-        step, _finite = newton_step(
-            tables, r, grad, dg, ng, e_ent, yg, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R, BLOCK_T
+        max_log_step = tl.load(params_ptr + PARAM_MAX_LOG_STEP)
+        step, _finite, slope = newton_step(
+            tables, r, dg, ng, e_ent, yg, tv1, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R, BLOCK_T
         )
+        n_cls, e_ent, ng, mg, dg, xg, mm, yg, tv0, tv1, pairs = regions(ws, tables)
+        r = tl.load(tv0 + offs, mask=real, other=0.0)  # (point's, re-read: carried, it spilled)
         pred = predicted(tables, r, step, Z, real, tv1, ng, mg, dg, mm, N, BLOCK_N, BLOCK_R)
         if active != 0:
             residual = relative
-            abs_residual = absolute / total_w
+            abs_residual = absolute
             predicted_change = pred
         # (uhc_fast/reference/ce.py: the step's length says when the two tests can be trusted)
         short = rmax(tl.abs(step), 0) <= tl.load(params_ptr + PARAM_CONVERGED_LOG_STEP)
+        tol = tl.load(params_ptr + PARAM_TOL)
         done = (active != 0) & (relative <= tol) & (pred <= tol) & short
         if done:
             converged = 1
-        slope = rsum(grad * step, 0)
         searching = (active != 0) & (~done) & (slope < 0) & (iteration < max_iter)
         # backtracking from the full step; a converged sample may take only that full (tiny) step
         trying = searching | done
@@ -473,9 +565,13 @@ def ce_solve(
         taken = tl.zeros((), tl.float64)
         accepted = 0
         halvings = 0
-        while trying & (halvings < max_halvings):
-            df = change(tables, a, slope, r, step, real, tv1, ng, dg, mm, N, BLOCK_N, BLOCK_R)
-            ok = (df <= armijo * a * tl.minimum(slope, 0.0)) & (df == df) & (tl.abs(df) < float("inf"))
+        while trying & (halvings < tl.load(params_ptr + PARAM_MAX_HALVINGS).to(tl.int32)):
+            df = change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, BLOCK_N, BLOCK_R)
+            ok = (
+                (df <= tl.load(params_ptr + PARAM_ARMIJO) * a * tl.minimum(slope, 0.0))
+                & (df == df)
+                & (tl.abs(df) < float("inf"))
+            )
             if ok:
                 taken = a
                 accepted = 1
@@ -488,7 +584,12 @@ def ce_solve(
         active = (searching & (accepted != 0)).to(tl.int32)
         running = active
         iteration += 1
+    n_cls, e_ent, ng, mg, dg, xg, mm, yg, tv0, tv1, pairs = regions(ws, tables)
     _r, Z, _mass = point(tables, t, real, tv0, ng, dg, xg, N, BLOCK_N, BLOCK_R, BLOCK_T)
+    total_w = tl.zeros((), tl.float64)
+    for i in range(N):
+        total_w += tl.load(weights_ptr + i)
+    abs_residual = abs_residual / total_w
     return Z, iterations, converged, residual, abs_residual, predicted_change
 
 

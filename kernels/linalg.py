@@ -5,7 +5,8 @@ extracts row ``k`` with a masked reduction and updates the trailing block with a
 ``O(N)`` steps of ``O(BLOCK_N^2)`` lane work. The algorithms are those of ``csrc/core/linalg.h``:
 
 - :func:`gth_solve`: grounded graph Laplacians by positive (Grassmann-Taksar-Heyman) elimination,
-  every pivot and update a sum of non-negative terms (`ce`'s Newton system, mf-lu's projection);
+  every pivot and update a sum of non-negative terms (mf-lu's projection); :func:`gth_solve_flows`
+  the same with the right-hand side given as flows between the nodes (`ce`'s Newton system);
 - :func:`cholesky` / :func:`cholesky_solve`: symmetric positive definite systems, with the
   factorisation's success per system (every pivot > 0, the test LAPACK's potrf applies).
 """
@@ -49,6 +50,48 @@ def gth_solve(links, ground, rhs, n, BLOCK_N: tl.constexpr):
         row_k = rsum(tl.where(rows == k, links, 0.0), 0)
         b_k = rsum(tl.where(idx == k, rhs, 0.0), 0)
         p_k = rsum(tl.where(idx == k, pivots, 0.0), 0)
+        acc = b_k + rsum(tl.where((idx > k) & (idx < n), row_k * x, 0.0), 0)
+        x = tl.where(idx == k, acc * p_k, x)
+    return x, isolated
+
+
+@device_function
+def gth_solve_flows(links, ground, flows, to_ground, n, BLOCK_N: tl.constexpr):
+    """:func:`gth_solve` for ``rhs_i = sum_j flows_ij + to_ground_i``, the flows (antisymmetric,
+    ``(BLOCK_N, BLOCK_N)``; only the upper triangle ``j > i`` is read) and each node's flow to the
+    ground carried through the elimination instead of their sums: merging node k into the rest adds
+    ``f_i F_kj - f_j F_ki`` to ``F_ij``, so a block's right-hand side is the sum of the flows that
+    leave it (uhc_fast/linalg.py: grounded_laplacian_solve_flows says why `ce` needs it; the
+    algorithm is csrc/core/linalg.h's). Returns ``(x, isolated)`` as :func:`gth_solve`.
+    """
+    idx = tl.arange(0, BLOCK_N)
+    rows = idx[:, None]
+    # an eliminated node's entries of ground and to_ground are free: they keep its right-hand side
+    # and its pivot's reciprocal (two vectors fewer: ce's Newton step spilled)
+    isolated = n < 0
+    for k in range(n):
+        row_k = rsum(tl.where(rows == k, links, 0.0), 0)  # links[k, :]
+        later = (idx > k) & (idx < n)
+        out_k = rsum(tl.where(rows == k, flows, 0.0), 0)  # flows[k, :], upper triangle only
+        out_k = tl.where(later, out_k, 0.0)
+        g_k = rsum(tl.where(idx == k, ground, 0.0), 0)
+        to_ground_k = rsum(tl.where(idx == k, to_ground, 0.0), 0)
+        d = g_k + rsum(tl.where(later, row_k, 0.0), 0)
+        positive = d > 0
+        inv = tl.where(positive, 1.0 / tl.where(positive, d, 1.0), 0.0)
+        isolated = isolated | (d <= 0)
+        f = tl.where(later, row_k * inv, 0.0)  # the multipliers are links too: no sign changes
+        later2 = later[:, None] & later[None, :]
+        links = links + tl.where(later2, f[:, None] * row_k[None, :], 0.0)
+        flows = flows + tl.where(later2, f[:, None] * out_k[None, :] - out_k[:, None] * f[None, :], 0.0)
+        ground = tl.where(idx == k, to_ground_k + rsum(out_k, 0), ground + f * g_k)
+        to_ground = tl.where(idx == k, inv, to_ground + (f * to_ground_k - (g_k * inv) * out_k))
+    x = tl.zeros((BLOCK_N,), links.dtype)
+    for kk in range(n):
+        k = n - 1 - kk
+        row_k = rsum(tl.where(rows == k, links, 0.0), 0)
+        b_k = rsum(tl.where(idx == k, ground, 0.0), 0)
+        p_k = rsum(tl.where(idx == k, to_ground, 0.0), 0)
         acc = b_k + rsum(tl.where((idx > k) & (idx < n), row_k * x, 0.0), 0)
         x = tl.where(idx == k, acc * p_k, x)
     return x, isolated

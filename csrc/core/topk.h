@@ -132,7 +132,7 @@ struct TopkScratch {
   int32_t* gcount;      // (T) classes of each group
   int32_t* rank_of;     // (N) a present teacher's index among the present ones
   double* wts;          // (N + 1) the present teachers' weights, then the prior's
-  int32_t *offsets, *class_index, *grp_ptr, *grp_teacher, *grp_cls_ptr, *grp_cls;  // the per-sample Structure
+  int32_t *offsets, *class_index, *grp_ptr, *grp_teacher, *grp_cls_ptr, *grp_cls, *col_entry;  // the per-sample Structure
   double* packed;       // (2T) the per-sample problem's packed probabilities
   double* q;            // (T) soft labels over the union
   uint64_t* order;      // (T) sort keys of the union (see step 4)
@@ -177,6 +177,7 @@ struct TopkScratch {
     grp_teacher = take<int32_t>(base, 2 * T);
     grp_cls_ptr = take<int32_t>(base, T + 1);
     grp_cls = take<int32_t>(base, T);
+    col_entry = take<int32_t>(base, 2 * T);
     packed = take<double>(base, 2 * T);
     q = take<double>(base, T);
     order = take<uint64_t>(base, T);
@@ -393,6 +394,7 @@ inline void solve_topk_sample(const TopkProblem<Out>& prob, int64_t b, TopkScrat
     // (the sections CeSolver reads; the optional by-teacher and by-pair ones stay null)
     s.offsets = sc.offsets, s.class_index = sc.class_index, s.class_group = sc.ugroup;
     s.grp_ptr = sc.grp_ptr, s.grp_teacher = sc.grp_teacher, s.grp_cls_ptr = sc.grp_cls_ptr, s.grp_cls = sc.grp_cls;
+    s.col_entry = sc.col_entry;
     Problem<double> dense{};
     dense.s = s;
     dense.batch = 1;
@@ -404,15 +406,21 @@ inline void solve_topk_sample(const TopkProblem<Out>& prob, int64_t b, TopkScrat
     DenseArena arena(sc.ce);
     CeScratch<1, double, DenseArena> ce(arena, s);
     double* packed = sc.packed;
+    // each column's (group, teacher) entry: a group's teachers are in rank order, the prior last
     for (int i = 0, r = 0; i < N; ++i) {
       if (!(present >> i & 1)) continue;
-      for (int32_t e = sc.tch_off[i], col = sc.offsets[r]; e < sc.tch_off[i + 1]; ++e, ++col)
-        sc.class_index[col] = sc.ent_u[e], packed[col] = sc.ent_p[e];
+      const uint64_t below = (uint64_t(1) << i) - 1;
+      for (int32_t e = sc.tch_off[i], col = sc.offsets[r]; e < sc.tch_off[i + 1]; ++e, ++col) {
+        const int32_t u = sc.ent_u[e], g = sc.ugroup[u];
+        sc.class_index[col] = u, packed[col] = sc.ent_p[e];
+        sc.col_entry[col] = sc.grp_ptr[g] + popcount64(sc.gmask[g] & below);
+      }
       ++r;
     }
     if (prior) {
       const double uniform = 1.0 / U;
-      for (int32_t u = 0, col = sc.offsets[np]; u < U; ++u, ++col) sc.class_index[col] = u, packed[col] = uniform;
+      for (int32_t u = 0, col = sc.offsets[np]; u < U; ++u, ++col)
+        sc.class_index[col] = u, packed[col] = uniform, sc.col_entry[col] = sc.grp_ptr[sc.ugroup[u] + 1] - 1;
     }
     const CeSolver<1, double, double, DenseArena> solver{tile, ce};
     solver.packed_evidence(packed);

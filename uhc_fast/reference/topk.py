@@ -9,8 +9,9 @@ that differ in their masks:
 
 - ``sd``: ``q_l`` proportional to ``sum_{i lists l} w_i p_il`` (plus ``alpha / |U|`` with the prior).
 - ``ce``: damped Newton on the teacher-space dual, the algorithm of :mod:`uhc_fast.reference.ce`
-  (same start, capped steps, line search, relative-KKT and predicted-step convergence test) with
-  a mask per sample. A teacher that lists nothing for a sample is absent from it: its row of the
+  (same start, gradient as flows to each class's top teacher solved in flow form, capped steps,
+  line search relative to the top teacher's step, relative-KKT and predicted-step convergence test)
+  with a mask per sample. A teacher that lists nothing for a sample is absent from it: its row of the
   mask is empty and its dual variable stays put. Each sample's Newton system is grounded at its
   last present teacher. State and Newton systems are float64 throughout.
 
@@ -30,7 +31,7 @@ from ..constants import (
     MAX_LOG_STEP,
     SUM_TOLERANCE,
 )
-from ..linalg import grounded_laplacian_solve
+from ..linalg import grounded_laplacian_solve_flows
 from ..topk_inputs import CHECKS, empty_solution
 from .common import full_precision, row_chunks
 
@@ -240,6 +241,10 @@ def _newton(
     index = torch.arange(teachers, device=device)
     ground = torch.argmax(torch.where(present, index + 1, 0), dim=1)
     perm = torch.argsort(index[None, :] + teachers * (index[None, :] == ground[:, None]), dim=1)
+    # per row and class, the top teacher (the covering one with the most evidence, the first of
+    # equals), to which the other covering teachers' gradient terms flow (reference/ce.py)
+    top = torch.argmax(torch.where(mask > 0, evidence, -1.0), dim=1)
+    to_top = torch.nn.functional.one_hot(top, teachers).to(f64)  # (b, M, T)
     report = {
         "iterations": torch.zeros(b, dtype=torch.int32, device=device),
         "converged": ~nonempty,
@@ -252,7 +257,7 @@ def _newton(
         if active.numel() == 0:
             break
         ta, ea, ma, wa, pa = t[active], evidence[active], mask[active], w[active], present[active]
-        na, ev, pm = n[active], has[active], perm[active]
+        na, ev, pm, tops = n[active], has[active], perm[active], to_top[active]
         r = _shifted(ta, pa)
         d = torch.einsum("bt,btm->bm", r, ma).clamp_min(tiny)
         x = torch.where(ev, na / d, 0.0)
@@ -264,18 +269,21 @@ def _newton(
         gap = torch.where(ev, (kkt - 1).abs(), 0.0)
         report["residual"][active] = gap.amax(dim=1)
         report["abs_residual"][active] = (na * gap).amax(dim=1) / total[active]
-        # each class's difference formed before the sum: a class one teacher lists contributes 0
-        grad = (ma * ((r[:, :, None] / d[:, None, :]) * na[:, None, :] - ea)).sum(dim=2)
+        # the gradient as flows (reference/ce.py): each class's difference flows from its teacher to
+        # the class's top teacher (a class one teacher lists has none); F = P - P^T is exactly
+        # antisymmetric and g_i = sum_j F_ij
+        diff = ma * ((r[:, :, None] / d[:, None, :]) * na[:, None, :] - ea)
         with full_precision():
+            flow = diff @ tops  # (adds exact zeros beside each class's one term)
             links = r[:, :, None] * r[:, None, :] * torch.einsum("bim,bjm->bij", ma * (x / d)[:, None, :], ma)
+        flow = flow - flow.transpose(1, 2)
         links.diagonal(dim1=1, dim2=2).zero_()
-        grounded = links.gather(1, pm[:, :, None].expand(-1, -1, teachers)).gather(
-            2, pm[:, None, :].expand(-1, teachers, -1)
+        # the right-hand side -g as the flows -F, the grounded teacher's becoming the others' flows to ground
+        grounded, out_flow = _in_order(links, pm), _in_order(-flow, pm)
+        reduced, _ = grounded_laplacian_solve_flows(
+            grounded[:, :-1, :-1], grounded[:, :-1, -1], out_flow[:, :-1, :-1], out_flow[:, :-1, -1]
         )
-        reduced, _ = grounded_laplacian_solve(grounded[:, :-1, :-1], grounded[:, :-1, -1], -grad.gather(1, pm)[:, :-1])
-        step = torch.zeros_like(grad).scatter_(
-            1, pm, torch.cat([reduced, reduced.new_zeros(reduced.shape[0], 1)], dim=1)
-        )
+        step = torch.zeros_like(ta).scatter_(1, pm, torch.cat([reduced, reduced.new_zeros(reduced.shape[0], 1)], dim=1))
         step = step * (MAX_LOG_STEP / step.abs().amax(dim=1, keepdim=True).clamp_min(MAX_LOG_STEP))
         mean = torch.einsum("bt,btm->bm", r * step, ma) / d  # sum_i pi_il step_i
         change = q * ((q * mean).sum(dim=1, keepdim=True) - mean)
@@ -284,13 +292,16 @@ def _newton(
         done &= step.abs().amax(dim=1) <= CONVERGED_LOG_STEP  # (as reference/ce.py)
         report["converged"][active] = done
 
-        slope = (grad * step).sum(dim=1)
+        slope = (flow * (step[:, :, None] - step[:, None, :])).sum(dim=(1, 2)) / 2  # common shifts cancel
         searching = (slope < 0) & ~done if iteration < max_iter else torch.zeros_like(done)
         a = torch.ones_like(slope)
+        # each class's steps relative to its top teacher's (reference/ce.py): exactly 0 where equal
+        rel = step[:, :, None] - (step[:, None, :] @ tops.transpose(1, 2))
+        below = (ma * r[:, :, None] * rel).sum(dim=1) / d  # sum_i pi_il (step_i - step_top)
         accepted = torch.zeros_like(done)
         for _ in range(MAX_HALVINGS):
-            spread = torch.einsum("bt,btm->bm", r * torch.expm1(a[:, None] * step), ma) / d
-            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a[:, None] * mean), 0.0).sum(dim=1)
+            spread = (ma * r[:, :, None] * torch.expm1(a[:, None, None] * rel)).sum(dim=1) / d
+            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a[:, None] * below), 0.0).sum(dim=1)
             ok = (searching | done) & ~accepted & (change_f <= ARMIJO * a * slope) & torch.isfinite(change_f)
             accepted |= ok
             if not bool((searching & ~accepted).any()):
@@ -303,6 +314,12 @@ def _newton(
     x = torch.where(has, n / torch.einsum("bt,btm->bm", r, mask).clamp_min(tiny), 0.0)
     q = x / x.sum(dim=1, keepdim=True).clamp_min(tiny)
     return q, report
+
+
+def _in_order(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``(b, T, T)`` ``a`` with both teacher axes in the order ``perm`` ``(b, T)``."""
+    teachers = a.shape[1]
+    return a.gather(1, perm[:, :, None].expand(-1, -1, teachers)).gather(2, perm[:, None, :].expand(-1, teachers, -1))
 
 
 def _shifted(t: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
