@@ -235,6 +235,28 @@ def test_cuda_ce_team_on_cpu_converges_across_tiny_bridges():
     assert max_diff(got[0], truth) < 1e-7
 
 
+def test_regression_cuda_ce_team_gradient_as_flows_carries_the_split():
+    """Confident consistent teachers (q = softmax(20 g) over 12 classes, 5 teachers): where a block of
+    teachers is joined to the rest only through classes of tiny mass, the Newton step along the split
+    is the sum of the flows leaving the block (1e-28). The team summed each teacher's gradient from
+    its groups' differences, whose rounding (1e-26) swamped it: the step along the split came out ~0
+    and rows were reported converged up to 1e-2 off (5 of these 400 rows on one lane, 22 more not
+    converged). With the gradient as flows to each group's top teacher (reference/ce.py), every row
+    converges to the truth."""
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.softmax(20 * torch.randn(400, 12, generator=generator, dtype=torch.float64), dim=1)
+    sets = [[1, 3, 5, 7, 9], [0, 3, 6, 8, 10, 11], [1, 3, 5, 7, 9], [0, 1, 2, 3, 4, 8], [0, 8, 11]]
+    outputs = [truth[:, s] / truth[:, s].sum(dim=1, keepdim=True) for s in sets]
+    problem = Case(sets=sets, num_classes=12, truth=truth, outputs=outputs)
+    for lanes in (1, 3):
+        got = native_launch.launch_cuda_grid_on_cpu(*arguments(problem, "ce"), grid_threads=4, lanes=lanes)
+        converged = got[native_launch.OUTPUTS.index("converged")]
+        wrong = converged & ((got[0] - truth).abs().amax(dim=1) > 1e-6)
+        assert not bool(wrong.any()), f"{lanes} lanes: {int(wrong.sum())} rows reported converged off the optimum"
+        assert bool(converged.all()), f"{lanes} lanes: {int((~converged).sum())} rows not converged"
+        assert max_diff(got[0], truth) < 1e-8, f"{lanes} lanes"
+
+
 @pytest.mark.parametrize("method", TEAM_METHODS)
 def test_cuda_teams_on_cpu_read_strided_inputs_and_report_errors_as_the_cpu_backend(method):
     problem = case(**CASES["probs"])

@@ -12,14 +12,16 @@ namespace UHC_NAMESPACE {
 
 // The scratch of one sample, carved from `slots(s)` doubles.
 struct TeamCeScratch {
-  double *n, *own;                                 // class evidence (K), then q; one teacher's (K)
-  double *e;                                       // per (teacher, group) entry, by teacher: its evidence (E)
-  double *Ng, *Mg, *Dg, *inv, *mg, *trial;         // per group
-  double *t, *r, *grad, *step, *mass, *evidence_shared, *ex, *moved, *wm, *rs;  // per teacher
-  double *links, *system, *ground, *rhs, *pivot, *sol;  // C (N x N), the grounded system (n x n), n-vectors
+  double *n, *own;  // class evidence (K), then q; one teacher's (K)
+  double *e;        // per (group, teacher) entry, in the groups' order (grp_teacher): its evidence e_ig (E)
+  double *Ng, *Mg, *Dg, *inv, *trial, *top;  // per group; top: its top teacher's entry (an index)
+  double *t, *r, *step, *mass, *evidence_shared, *moved, *wm, *rs;  // per teacher
+  // N x N: C above the diagonal, the flows F_ij (i < j) below it (at [j][i]); the grounded system the
+  // same way, its flows those of the right-hand side. Then n-vectors.
+  double *links, *system, *ground, *flow_to_ground, *rhs, *pivot, *sol;
 
   static UHC_HD int64_t slots(const Structure& s) {
-    return 2 * int64_t(s.K) + s.E + 6 * int64_t(s.G) + 10 * int64_t(s.N) + 2 * int64_t(s.N) * s.N + 4 * int64_t(s.N);
+    return 2 * int64_t(s.K) + s.E + 6 * int64_t(s.G) + 8 * int64_t(s.N) + 2 * int64_t(s.N) * s.N + 5 * int64_t(s.N);
   }
   UHC_HD TeamCeScratch(double* p, const Structure& s) {
     auto take = [&p](int64_t count) {
@@ -28,32 +30,42 @@ struct TeamCeScratch {
       return out;
     };
     n = take(s.K), own = take(s.K), e = take(s.E);
-    Ng = take(s.G), Mg = take(s.G), Dg = take(s.G), inv = take(s.G), mg = take(s.G), trial = take(s.G);
-    t = take(s.N), r = take(s.N), grad = take(s.N), step = take(s.N), mass = take(s.N);
-    evidence_shared = take(s.N), ex = take(s.N), moved = take(s.N), wm = take(s.N), rs = take(s.N);
+    Ng = take(s.G), Mg = take(s.G), Dg = take(s.G), inv = take(s.G), trial = take(s.G), top = take(s.G);
+    t = take(s.N), r = take(s.N), step = take(s.N), mass = take(s.N);
+    evidence_shared = take(s.N), moved = take(s.N), wm = take(s.N), rs = take(s.N);
     links = take(int64_t(s.N) * s.N), system = take(int64_t(s.N) * s.N);
-    ground = take(s.N), rhs = take(s.N), pivot = take(s.N), sol = take(s.N);
+    ground = take(s.N), flow_to_ground = take(s.N), rhs = take(s.N), pivot = take(s.N), sol = take(s.N);
   }
 };
 
-// grounded_laplacian_solve (linalg.h) by a team, the same operations in the same order: each
+// grounded_laplacian_solve_flows (linalg.h) by a team, the same operations in the same order: each
 // elimination step's updates over the lanes, a row's columns shared by team.size() / rows lanes
-// (at N=20 on 128 threads, 7 a row: a step is a few dependent updates, not a whole row's).
+// (at N=20 on 128 threads, 7 a row: a step is a few dependent updates, not a whole row's). The
+// flows F_ij (i < j) are read and written below L's diagonal, at L[j * n + i] (linalg.h: a separate
+// F's upper triangle), so that they take no scratch of their own; the multiplier f_j = L_kj / pivot_k
+// is formed where it is used (row k is final).
 template <class Team>
-UHC_HD void team_grounded_laplacian_solve(const Team& team, double* L, double* g, double* b, double* pivot, double* x,
-                                          int n) {
+UHC_HD void team_grounded_laplacian_solve_flows(const Team& team, double* L, double* g, double* Fg, double* b,
+                                                double* pivot, double* x, int n) {
   for (int k = 0; k < n; ++k) {
     double d = g[k];  // every lane forms the same pivot from the finished row k
     for (int j = k + 1; j < n; ++j) d += L[k * n + j];
-    const double inv = d > 0 ? 1.0 / d : 0.0;
+    const double inv = d > 0 ? 1.0 / d : 0.0, fk = g[k] * inv, Fgk = Fg[k];
     const int rows = n - k - 1, per = rows > 0 && team.size() > rows ? team.size() / rows : 1;
     for (int t = team.lane(); t < rows * per; t += team.size()) {
       const int i = k + 1 + t / per, first = t % per;  // row i, its columns first + i + 1, ... by per
-      const double f = L[k * n + i] * inv;
-      for (int j = i + 1 + first; j < n; j += per) L[i * n + j] += f * L[k * n + j];
-      if (first == 0) g[i] += f * g[k], b[i] += f * b[k];
+      const double f = L[k * n + i] * inv, Fki = L[i * n + k];
+      for (int j = i + 1 + first; j < n; j += per) {
+        L[i * n + j] += f * L[k * n + j];
+        L[j * n + i] += f * L[j * n + k] - L[k * n + j] * inv * Fki;  // F_ij += f_i F_kj - f_j F_ki
+      }
+      if (first == 0) g[i] += f * g[k], Fg[i] += f * Fgk - fk * Fki;
     }
-    if (team.lane() == 0) pivot[k] = inv;
+    if (team.lane() == 0) {  // (rows k + 1.. are written above; row k, F_k. and Fg[k] are final)
+      double rhs = Fgk;
+      for (int j = k + 1; j < n; ++j) rhs += L[j * n + k];
+      pivot[k] = inv, b[k] = rhs;
+    }
     team.sync();
   }
   if (team.lane() == 0)
@@ -76,10 +88,31 @@ struct TeamCe {
   UHC_HD int lane() const { return team.lane(); }
   UHC_HD int size() const { return team.size(); }
 
-  // n, each teacher's evidence per group (sc.e, by teacher: the gradient's terms) and on the groups
-  // it shares, N_g and M_g; whether every row passed. (ce.h keeps the gradient's tiny terms with
-  // compensated sums instead; here the lanes' partial sums meet in a team reduction, which would
-  // round them away, so each group's difference is formed first, as the reference does.)
+  // The entry of teacher i among group g's teachers (it is one of them; they are ascending).
+  UHC_HD int group_entry(int g, int i) const {
+    const Structure& st = s();
+    int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1] - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (st.grp_teacher[mid] < i) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  // Teacher i's difference on group g, r_i N_g / D_g - e_ig: its term of the gradient, and the flow
+  // it sends to the group's top teacher.
+  UHC_HD double difference(int g, int i) const {
+    return sc.r[i] * (sc.Ng[g] * sc.inv[g]) - sc.e[group_entry(g, i)];
+  }
+
+  // The teacher of group g's top entry.
+  UHC_HD int top_teacher(int g) const { return s().grp_teacher[static_cast<int>(sc.top[g])]; }
+
+  // n, each teacher's evidence per group (sc.e, the flows' terms) and on the groups it shares, each
+  // group's top teacher (the reference's _top_teachers: the most evidence, the first of equals),
+  // N_g and M_g; whether every row passed. (The gradient is formed as flows, each group's
+  // difference to its top teacher, as the reference does: newton_step().)
   UHC_HD bool read_evidence() const {
     const Structure& st = s();
     for (int l = lane(); l < st.K; l += size()) sc.n[l] = 0;
@@ -95,14 +128,17 @@ struct TeamCe {
         sc.n[l] += wi * v, sc.own[l] = wi * v;
       });
       team.sync();
-      // per group: a lane an entry sums the teacher's classes in it (all of them are the teacher's)
+      // per group: a lane an entry sums the teacher's classes in it (all of them are the teacher's);
+      // the group's earlier teachers' entries are written (the teachers come in ascending order),
+      // so the top so far is known (a group no teacher covers has none, and is never asked)
       const int first = st.tch_ptr[i], shared_end = first + st.tch_shared[i];
       double on_shared = 0;
       for (int k = first + lane(); k < st.tch_ptr[i + 1]; k += size()) {
-        const int g = st.tch_group[k];
+        const int g = st.tch_group[k], entry = group_entry(g, i);
         double sum = 0;
         for (int c = st.grp_cls_ptr[g]; c < st.grp_cls_ptr[g + 1]; ++c) sum += sc.own[st.grp_cls[c]];
-        sc.e[k] = sum;
+        sc.e[entry] = sum;
+        if (entry == st.grp_ptr[g] || sum > sc.e[static_cast<int>(sc.top[g])]) sc.top[g] = entry;
         if (k < shared_end) on_shared += sum;
       }
       on_shared = team.sum(on_shared);
@@ -121,7 +157,7 @@ struct TeamCe {
     return valid;
   }
 
-  // ce.h's point(): D_g rescaled, 1 / D_g, each teacher's mass and gradient; Z.
+  // ce.h's point(): D_g rescaled, 1 / D_g, each teacher's mass; Z (the gradient: newton_step()).
   UHC_HD double point(double rescale) const {
     const Structure& st = s();
     double part = 0;
@@ -136,25 +172,31 @@ struct TeamCe {
     team.sync();
     auto x = [&](int k) { return sc.Ng[st.tch_group[k]] * sc.inv[st.tch_group[k]]; };  // x_g = N_g / D_g
     // by teacher, a teacher a sub-team (no block barrier in the loop): first the groups it shares,
-    // each one's gradient term r_i x_g - e_ig formed before the sum, then the rest
+    // then the rest
     for (int i = team.group(); i < st.N; i += team.groups()) {
       const int lo = st.tch_ptr[i], mid = lo + st.tch_shared[i], hi = st.tch_ptr[i + 1];
-      const double ri = sc.r[i];
-      double on_shared = 0, rest = 0, grad = 0;
-      for (int k = lo + team.group_lane(); k < mid; k += team.group_size()) {
-        const double xg = x(k);
-        on_shared += xg, grad += ri * xg - sc.e[k];
-      }
+      double on_shared = 0, rest = 0;
+      for (int k = lo + team.group_lane(); k < mid; k += team.group_size()) on_shared += x(k);
       for (int k = mid + team.group_lane(); k < hi; k += team.group_size()) rest += x(k);
-      on_shared = team.group_sum(on_shared), rest = team.group_sum(rest), grad = team.group_sum(grad);
-      if (team.group_lane() == 0) sc.mass[i] = on_shared + rest, sc.grad[i] = grad;
+      on_shared = team.group_sum(on_shared), rest = team.group_sum(rest);
+      if (team.group_lane() == 0) sc.mass[i] = on_shared + rest;
     }
     team.sync();
     return Z;
   }
 
-  // ce.h's newton_step(): the grounded Newton system over teacher pairs, solved; the capped step
-  // and its longest component.
+  // F_ij, the flow from teacher i to j (exactly antisymmetric: F_ji = -F_ij), as newton_step() left it.
+  UHC_HD double flow(int i, int j) const {
+    const int N = s().N;
+    return i < j ? sc.links[j * N + i] : i > j ? -sc.links[i * N + j] : 0.0;
+  }
+
+  // ce.h's newton_step() with the reference's gradient as flows (reference/ce.py): the grounded
+  // Newton system over teacher pairs, its right-hand side -g the flows -F, solved in flow form;
+  // the capped step and its longest component. g_i = sum_j F_ij, with F_ij the sum of i's
+  // differences on the groups whose top teacher is j, less j's on those whose top is i: a block
+  // of teachers joined to the rest only through classes of tiny mass presents the sum of the
+  // flows that leave it, not that of its own large internal ones (which rounded the split away).
   UHC_HD double newton_step() const {
     const Structure& st = s();
     const int N = st.N;
@@ -162,24 +204,30 @@ struct TeamCe {
     for (int i = 0, p = 0; i < N; ++i)
       for (int j = i + 1; j < N; ++j, ++p) {
         if (p % size() != lane()) continue;
-        double c = 0;  // C_ij = sum over the groups holding i and j of N_g / D_g^2
+        double c = 0, f = 0;  // C_ij = sum over the groups holding i and j of N_g / D_g^2; F_ij
         for (int k = st.pair_ptr[p]; k < st.pair_ptr[p + 1]; ++k) {
-          const int g = st.pair_group[k];
+          const int g = st.pair_group[k], top = top_teacher(g);
           c += sc.Ng[g] * sc.inv[g] * sc.inv[g];
+          if (top == j) f += difference(g, i);
+          else if (top == i) f -= difference(g, j);
         }
-        sc.links[i * N + j] = c;
+        sc.links[i * N + j] = c, sc.links[j * N + i] = f;
       }
     team.sync();
-    // as ce.h: the grounded teacher's links become the others' ground, and it keeps none
+    // as ce.h: the grounded teacher's links become the others' ground, and it keeps none; its
+    // flows become the others' flows to ground, and it keeps none (the right-hand side's flows: -F)
     for (int i = lane(); i < N; i += size()) {
-      for (int j = i + 1; j < N; ++j)
-        sc.system[i * N + j] = i == ground || j == ground ? 0.0 : sc.r[i] * sc.r[j] * sc.links[i * N + j];
+      for (int j = i + 1; j < N; ++j) {
+        const bool off = i == ground || j == ground;
+        sc.system[i * N + j] = off ? 0.0 : sc.r[i] * sc.r[j] * sc.links[i * N + j];
+        sc.system[j * N + i] = off ? 0.0 : -sc.links[j * N + i];
+      }
       const double link = i == ground ? 0.0 : sc.links[i < ground ? i * N + ground : ground * N + i];
       sc.ground[i] = sc.r[i] * sc.r[ground] * link;
-      sc.rhs[i] = i == ground ? 0.0 : -sc.grad[i];
+      sc.flow_to_ground[i] = -flow(i, ground);
     }
     team.sync();
-    team_grounded_laplacian_solve(team, sc.system, sc.ground, sc.rhs, sc.pivot, sc.sol, N);
+    team_grounded_laplacian_solve_flows(team, sc.system, sc.ground, sc.flow_to_ground, sc.rhs, sc.pivot, sc.sol, N);
     double longest = 0;
     for (int i = lane(); i < N; i += size()) longest = vmax(longest, i == ground ? 0.0 : vabs(sc.sol[i]));
     longest = team.max(longest);
@@ -189,17 +237,32 @@ struct TeamCe {
     return vmin(longest, kMaxLogStep);
   }
 
-  // F(t + a step) - F(t) term by term (ce.h's change()).
+  // The step's slope g.d = sum_{i<j} F_ij (d_i - d_j) (a common shift of d cancels exactly).
+  UHC_HD double slope() const {
+    const int N = s().N;
+    double part = 0;
+    for (int i = 0, p = 0; i < N; ++i)
+      for (int j = i + 1; j < N; ++j, ++p)
+        if (p % size() == lane()) part += flow(i, j) * (sc.step[i] - sc.step[j]);
+    return team.sum(part);
+  }
+
+  // F(t + a step) - F(t) term by term (ce.h's change()), each group's steps taken relative to its
+  // top teacher's (reference/ce.py): exactly 0 for a group whose teachers all move together.
   UHC_HD double change(double a, double slope) const {
     const Structure& st = s();
-    for (int i = lane(); i < st.N; i += size()) sc.ex[i] = sc.r[i] * vexpm1(a * sc.step[i]);
-    team.sync();
     double part = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-      double spread = 0;
-      for (int k = lo; k < hi; ++k) spread += sc.ex[st.grp_teacher[k]];
-      part += sc.Ng[g] * (vlog1p(spread * sc.inv[g]) - a * sc.mg[g]);
+      if (lo == hi) continue;
+      const double top_step = sc.step[top_teacher(g)];
+      double spread = 0, below = 0;  // below: m_g - the top's step
+      for (int k = lo; k < hi; ++k) {
+        const int i = st.grp_teacher[k];
+        const double relative = sc.step[i] - top_step;
+        spread += sc.r[i] * vexpm1(a * relative), below += sc.r[i] * relative;
+      }
+      part += sc.Ng[g] * (vlog1p(spread * sc.inv[g]) - a * (below * sc.inv[g]));
     }
     const double total = a * slope + team.sum(part);
     team.sync();
@@ -232,7 +295,7 @@ struct TeamCe {
       }
       const double inv = sc.inv[g], Ng = sc.Ng[g];
       m = m * inv;
-      sc.mg[g] = m, sc.trial[g] = moved;
+      sc.trial[g] = moved;
       c += Ng * inv * m;
       mean_square += Ng * m * m;
       const double gap = vabs(kkt * inv - 1.0);
@@ -242,8 +305,12 @@ struct TeamCe {
     const double inv_z = 1.0 / Z;
     c = team.sum(c) * inv_z, mean_square = team.sum(mean_square);
     team.sync();
-    double worst = 0;
-    for (int g = lane(); g < st.G; g += size()) worst = vmax(worst, sc.Mg[g] * sc.inv[g] * vabs(c - sc.mg[g]));
+    double worst = 0;  // (m_g summed again: no scratch of its own)
+    for (int g = lane(); g < st.G; g += size()) {
+      double m = 0;
+      for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k) m += sc.rs[st.grp_teacher[k]];
+      worst = vmax(worst, sc.Mg[g] * sc.inv[g] * vabs(c - m * sc.inv[g]));
+    }
     predicted = team.max(worst) * inv_z;
     const double bound = full_step_bound(slope, spread - mean_square, spread, high - low, quad_rounding(st));
     change_full = bound;
@@ -285,9 +352,7 @@ struct TeamCe {
     for (int iteration = 0;; ++iteration) {
       const double Z = point(rescale);
       const double longest = newton_step();
-      double slope = 0;
-      for (int i = lane(); i < st.N; i += size()) slope += sc.grad[i] * sc.step[i];
-      slope = team.sum(slope);
+      const double slope = this->slope();
       double relative, absolute, pred, change_full;
       measure(Z, slope, active, relative, absolute, pred, change_full);
       if (active) residual = relative, abs_residual = absolute / total_w, predicted_step = pred;
