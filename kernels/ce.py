@@ -79,6 +79,7 @@ from ._common import (
 )
 from .inputs import (
     PARAM_ARMIJO,
+    PARAM_CHANGE_ROUNDING,
     PARAM_CONVERGED_LOG_STEP,
     PARAM_MAX_HALVINGS,
     PARAM_MAX_LOG_STEP,
@@ -459,38 +460,40 @@ def predicted(tables, r, step, Z, real, tv1, ng, mg, dg, mm, N, BLOCK_N: tl.cons
 
 
 @device_function
-def change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a s_ig)) - a
-    sum_{i in g} pi_ig s_ig)`` with ``s_ig = step_i - step_top(g)``: the steps relative to the
-    group's top teacher's, exactly 0 for a group whose teachers all move together (the reference's
-    line search). ``r`` is in ``tv0`` (:func:`point`); the step goes into ``tv1``."""
+def change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, rounding, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``F(t + a step) - F(t) = a slope + sum_g N_g (log(1 + sum_{i in g} pi_ig expm1(a step_i)) - a
+    m_g)``, less ``rounding`` times the size of its terms (the reference's line search; constants.py:
+    CHANGE_ROUNDING says why). ``r`` is in ``tv0`` (:func:`point`); the step goes into ``tv1``."""
     store_vector(tv1, tl.where(real, step, 0.0), N, BLOCK_N)
-    _flow_ws, tops = flow_regions(tv1, N)
     G = hdr(tables, P_G)
     lanes = tl.arange(0, BLOCK_R)
     width_ptr = sec(tables, S_G_WIDTH)
     base_ptr = sec(tables, S_G_BASE)
     tch_ptr = sec(tables, S_G_TCH)
     acc = tl.zeros((BLOCK_R,), tl.float64)
+    noise = tl.zeros((BLOCK_R,), tl.float64)
     for c in range(hdr(tables, P_G_CHUNKS)):
         rows = c * BLOCK_R + lanes
         live = rows < G
         width = tl.load(width_ptr + c)
         base = tl.load(base_ptr + c)
-        top_step = tl.load(tv1 + tl.load(tops + rows, mask=live, other=0.0).to(tl.int32), mask=live, other=0.0)
         spread = tl.zeros((BLOCK_R,), tl.float64)
         below = tl.zeros((BLOCK_R,), tl.float64)
+        size = tl.zeros((BLOCK_R,), tl.float64)
         for j in range(width):
             teacher = tl.load(tch_ptr + base + j * BLOCK_R + lanes)
             member = teacher >= 0
-            rel = tl.load(tv1 + teacher, mask=member, other=0.0) - top_step
+            s = tl.load(tv1 + teacher, mask=member, other=0.0)
             r = tl.load(tv0 + teacher, mask=member, other=0.0)
-            spread += r * expm1(a * rel)
-            below += r * rel
+            moved = r * expm1(a * s)
+            spread += moved
+            below += r * s
+            size += tl.abs(moved) + tl.abs(a * r * s)
         d = tl.load(dg + rows, mask=live, other=1.0)
         big_n = tl.load(ng + rows, mask=live, other=0.0)
         acc += tl.where(live, big_n * (log1p(spread / d) - a * (below / d)), 0.0)
-    return a * slope + rsum(acc, 0)
+        noise += tl.where(live, big_n * (size / d), 0.0)
+    return a * slope + rsum(acc, 0) - rounding * rsum(noise, 0)
 
 
 # ---------------------------------------------------------------------- one sample
@@ -566,7 +569,8 @@ def ce_solve(
         accepted = 0
         halvings = 0
         while trying & (halvings < tl.load(params_ptr + PARAM_MAX_HALVINGS).to(tl.int32)):
-            df = change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, BLOCK_N, BLOCK_R)
+            rounding = tl.load(params_ptr + PARAM_CHANGE_ROUNDING)
+            df = change(tables, a, slope, step, real, tv0, tv1, ng, dg, N, rounding, BLOCK_N, BLOCK_R)
             ok = (
                 (df <= tl.load(params_ptr + PARAM_ARMIJO) * a * tl.minimum(slope, 0.0))
                 & (df == df)

@@ -32,7 +32,8 @@ PARAM_ARMIJO = tl.constexpr(4)  # sufficient decrease of the line searches
 PARAM_MAX_LOG_STEP = tl.constexpr(5)  # the longest Newton step in a log variable
 PARAM_MIN_SCALE = tl.constexpr(6)  # mf-lu's smallest scale
 PARAM_MAX_HALVINGS = tl.constexpr(7)  # how often a line search may halve its step
-PARAMS = 8  # (host) the parameter vector's length
+PARAM_CHANGE_ROUNDING = tl.constexpr(8)  # the rounding ce's line search allows F's change
+PARAMS = 9  # (host) the parameter vector's length
 # (N, 4) int64 error slots start at this value (no failure); the host maps it back to -1
 NO_ERROR = 2**62
 TABLE_COLUMNS = tl.constexpr(5)  # of the teacher table

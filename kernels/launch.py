@@ -54,6 +54,7 @@ class Settings:
     converged_log_step: float = 0.25
     min_scale: float = 1e-3
     max_halvings: int = 40
+    change_rounding: float = 8 * 2.0**-53
     ce_max_iter: int = 100  # the step cap of mf-p's `ce` start
 
     def params(self, device) -> torch.Tensor:
@@ -66,6 +67,7 @@ class Settings:
             self.max_log_step,
             self.min_scale,
             float(self.max_halvings),
+            self.change_rounding,
         ]
         assert len(values) == PARAMS
         return torch.tensor(values, dtype=torch.float64).to(device)

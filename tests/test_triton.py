@@ -359,6 +359,7 @@ def test_settings_defaults_are_the_libraries_constants():
     assert defaults.armijo == constants.ARMIJO and defaults.max_halvings == constants.MAX_HALVINGS
     assert defaults.max_log_step == constants.MAX_LOG_STEP and defaults.min_scale == constants.MIN_SCALE
     assert defaults.converged_log_step == constants.CONVERGED_LOG_STEP
+    assert defaults.change_rounding == constants.CHANGE_ROUNDING
     assert topk_kernels.CONVERGED_LOG_STEP == constants.CONVERGED_LOG_STEP
     assert (topk_kernels.ARMIJO, topk_kernels.MAX_HALVINGS) == (constants.ARMIJO, constants.MAX_HALVINGS)
     assert topk_kernels.MAX_LOG_STEP == constants.MAX_LOG_STEP

@@ -124,19 +124,11 @@ struct CeSolver {
       const int l = st.class_index[j], g = st.class_group[l];
       const D v = wi * value(j - lo);
       sc.n[l] = D(sc.n[l]) + v;
-      const int k = st.col_entry ? st.col_entry[j] : entry_of(g, i);
+      const int k = st.col_entry[j];
       sc.entry[k] = D(sc.entry[k]) + v;
       if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) on_shared += v;
     }
     sc.evidence_shared[i] = on_shared;
-  }
-
-  // Teacher i's entry in group g (a structure built per sample has no col_entry).
-  UHC_HD int entry_of(int g, int i) const {
-    const Structure& st = s();
-    int k = st.grp_ptr[g];
-    while (st.grp_teacher[k] != i) ++k;
-    return k;
   }
 
   UHC_HD void clear_evidence() const {

@@ -247,26 +247,27 @@ struct TeamCe {
     return team.sum(part);
   }
 
-  // F(t + a step) - F(t) term by term (ce.h's change()), each group's steps taken relative to its
-  // top teacher's (reference/ce.py): exactly 0 for a group whose teachers all move together.
+  // F(t + a step) - F(t) term by term, less a bound on the rounding of its terms (ce.h's change()).
   UHC_HD double change(double a, double slope) const {
     const Structure& st = s();
-    double part = 0;
+    double part = 0, rounding = 0;
     for (int g = lane(); g < st.G; g += size()) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
       if (lo == hi) continue;
-      const double top_step = sc.step[top_teacher(g)];
-      double spread = 0, below = 0;  // below: m_g - the top's step
+      double spread = 0, mean = 0, size = 0;
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
-        const double relative = sc.step[i] - top_step;
-        spread += sc.r[i] * vexpm1(a * relative), below += sc.r[i] * relative;
+        const double moved = sc.r[i] * vexpm1(a * sc.step[i]), m = sc.r[i] * sc.step[i];
+        spread += moved, mean += m, size += vabs(moved) + vabs(a * m);
       }
-      part += sc.Ng[g] * (vlog1p(spread * sc.inv[g]) - a * (below * sc.inv[g]));
+      part += sc.Ng[g] * (vlog1p(spread * sc.inv[g]) - a * (mean * sc.inv[g]));
+      rounding += sc.Ng[g] * (size * sc.inv[g]);
     }
     const double total = a * slope + team.sum(part);
     team.sync();
-    return total;
+    const double allowed = kChangeRounding * team.sum(rounding);
+    team.sync();
+    return total - allowed;
   }
 
   // ce.h's measure(): the KKT residuals, the step's predicted change of the soft labels, and the

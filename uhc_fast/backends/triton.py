@@ -28,6 +28,7 @@ import torch
 from .. import reference
 from ..constants import (
     ARMIJO,
+    CHANGE_ROUNDING,
     CONVERGED_LOG_STEP,
     DEFAULT_MAX_ITER,
     MAX_HALVINGS,
@@ -93,6 +94,7 @@ def settings(batch: Batch, out_dtype: torch.dtype):
         converged_log_step=CONVERGED_LOG_STEP,
         min_scale=MIN_SCALE,
         max_halvings=MAX_HALVINGS,
+        change_rounding=CHANGE_ROUNDING,
         ce_max_iter=DEFAULT_MAX_ITER,
     )
 

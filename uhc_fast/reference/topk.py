@@ -10,7 +10,7 @@ that differ in their masks:
 - ``sd``: ``q_l`` proportional to ``sum_{i lists l} w_i p_il`` (plus ``alpha / |U|`` with the prior).
 - ``ce``: damped Newton on the teacher-space dual, the algorithm of :mod:`uhc_fast.reference.ce`
   (same start, gradient as flows to each class's top teacher solved in flow form, capped steps,
-  line search relative to the top teacher's step, relative-KKT and predicted-step convergence test)
+  line search allowing for rounding, relative-KKT and predicted-step convergence test)
   with a mask per sample. A teacher that lists nothing for a sample is absent from it: its row of the
   mask is empty and its dual variable stays put. Each sample's Newton system is grounded at its
   last present teacher. State and Newton systems are float64 throughout.
@@ -25,6 +25,7 @@ import torch
 
 from ..constants import (
     ARMIJO,
+    CHANGE_ROUNDING,
     CONVERGED_LOG_STEP,
     DEFAULT_DISCONNECTED_ALPHA,
     MAX_HALVINGS,
@@ -295,13 +296,14 @@ def _newton(
         slope = (flow * (step[:, :, None] - step[:, None, :])).sum(dim=(1, 2)) / 2  # common shifts cancel
         searching = (slope < 0) & ~done if iteration < max_iter else torch.zeros_like(done)
         a = torch.ones_like(slope)
-        # each class's steps relative to its top teacher's (reference/ce.py): exactly 0 where equal
-        rel = step[:, :, None] - (step[:, None, :] @ tops.transpose(1, 2))
-        below = (ma * r[:, :, None] * rel).sum(dim=1) / d  # sum_i pi_il (step_i - step_top)
         accepted = torch.zeros_like(done)
         for _ in range(MAX_HALVINGS):
-            spread = (ma * r[:, :, None] * torch.expm1(a[:, None, None] * rel)).sum(dim=1) / d
-            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a[:, None] * below), 0.0).sum(dim=1)
+            moved = ma * r[:, :, None] * torch.expm1(a[:, None, None] * step[:, :, None])
+            spread = moved.sum(dim=1) / d
+            change_f = a * slope + torch.where(ev, na * (torch.log1p(spread) - a[:, None] * mean), 0.0).sum(dim=1)
+            # less a bound on the rounding of its terms (CHANGE_ROUNDING, as reference/ce.py)
+            size = (moved.abs() + (a[:, None, None] * ma * r[:, :, None] * step[:, :, None]).abs()).sum(dim=1) / d
+            change_f = change_f - CHANGE_ROUNDING * torch.where(ev, na * size, 0.0).sum(dim=1)
             ok = (searching | done) & ~accepted & (change_f <= ARMIJO * a * slope) & torch.isfinite(change_f)
             accepted |= ok
             if not bool((searching & ~accepted).any()):
