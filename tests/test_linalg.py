@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uhc_fast.linalg import grounded_laplacian_solve
+from uhc_fast.linalg import grounded_laplacian_solve, grounded_laplacian_solve_flows
 
 
 def random_system(batch: int, n: int, seed: int, dtype=torch.float64, density: float = 0.6, spread=(0.0, 0.0)):
@@ -125,3 +125,36 @@ def test_empty_systems():
     assert x.shape == (0, 4, 2) and isolated.shape == (0,)
     x, isolated = grounded_laplacian_solve(torch.zeros(1, 1, 1), torch.tensor([[4.0]]), torch.tensor([[2.0]]))
     assert x.tolist() == [[0.5]] and isolated.tolist() == [False]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_flows_form_solves_the_summed_right_hand_side(n):
+    links, ground = random_system(6, n, 50 + n)
+    gen = torch.Generator().manual_seed(n)
+    upper = torch.triu(torch.randn(6, n, n, generator=gen, dtype=torch.float64), 1)
+    flows, to_ground = upper - upper.transpose(1, 2), torch.randn(6, n, generator=gen, dtype=torch.float64)
+    x, isolated = grounded_laplacian_solve_flows(links, ground, flows, to_ground)
+    expected, _ = grounded_laplacian_solve(links, ground, flows.sum(dim=2) + to_ground)
+    assert not bool(isolated.any())
+    torch.testing.assert_close(x, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_flows_form_keeps_a_weak_cut_that_the_summed_form_loses():
+    """Two blocks of strongly linked nodes (links 1) joined by a link of 1e-28, internal flows of
+    1e-10 that cancel within each block, and 1e-28 crossing between them: the blocks' relative
+    step is 1 (one leaving flow over the weak link). Summed per node first, the internal flows'
+    rounding (1e-26) swamps the crossing one; carried as flows, it stays exact."""
+    n = 4  # nodes 0, 1 (block A) and 2, 3 (block B); node 3 grounded through a strong link
+    links = torch.zeros(1, n, n, dtype=torch.float64)
+    for i, j, w in [(0, 1, 1.0), (2, 3, 1.0), (1, 2, 1e-28)]:
+        links[0, i, j] = links[0, j, i] = w
+    ground = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    flows = torch.zeros(1, n, n, dtype=torch.float64)
+    for i, j, f in [(0, 1, 3.3e-10), (2, 3, -7.1e-10), (1, 2, 1e-28)]:
+        flows[0, i, j], flows[0, j, i] = f, -f
+    to_ground = torch.zeros(1, n, dtype=torch.float64)
+    x, _ = grounded_laplacian_solve_flows(links, ground, flows, to_ground)
+    exact = torch.linalg.solve(assembled(links, ground), flows.sum(dim=2) + to_ground)  # (only the split matters)
+    split = float(x[0, :2].mean() - x[0, 2:].mean())
+    assert abs(split - 1.0) < 1e-6, split
+    assert abs(float(exact[0, :2].mean() - exact[0, 2:].mean()) - 1.0) > 1e-3  # the summed form loses it
