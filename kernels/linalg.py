@@ -44,15 +44,7 @@ def gth_solve(links, ground, rhs, n, BLOCK_N: tl.constexpr):
         links = links + tl.where(later[:, None] & later[None, :], f[:, None] * row_k[None, :], 0.0)
         ground = ground + f * g_k
         rhs = rhs + f * b_k
-    x = tl.zeros((BLOCK_N,), links.dtype)
-    for kk in range(n):
-        k = n - 1 - kk
-        row_k = rsum(tl.where(rows == k, links, 0.0), 0)
-        b_k = rsum(tl.where(idx == k, rhs, 0.0), 0)
-        p_k = rsum(tl.where(idx == k, pivots, 0.0), 0)
-        acc = b_k + rsum(tl.where((idx > k) & (idx < n), row_k * x, 0.0), 0)
-        x = tl.where(idx == k, acc * p_k, x)
-    return x, isolated
+    return back_substitute(links, rhs, pivots, n, BLOCK_N), isolated
 
 
 @device_function
@@ -86,15 +78,24 @@ def gth_solve_flows(links, ground, flows, to_ground, n, BLOCK_N: tl.constexpr):
         flows = flows + tl.where(later2, f[:, None] * out_k[None, :] - out_k[:, None] * f[None, :], 0.0)
         ground = tl.where(idx == k, to_ground_k + rsum(out_k, 0), ground + f * g_k)
         to_ground = tl.where(idx == k, inv, to_ground + (f * to_ground_k - (g_k * inv) * out_k))
+    return back_substitute(links, ground, to_ground, n, BLOCK_N), isolated
+
+
+@device_function
+def back_substitute(links, rhs, pivots, n, BLOCK_N: tl.constexpr):
+    """The elimination's back substitution (:func:`gth_solve`, :func:`gth_solve_flows`): ``x_k =
+    (rhs_k + sum_{j > k} links_kj x_j) * pivots_k`` (``pivots``: the pivots' reciprocals)."""
+    idx = tl.arange(0, BLOCK_N)
+    rows = idx[:, None]
     x = tl.zeros((BLOCK_N,), links.dtype)
     for kk in range(n):
         k = n - 1 - kk
         row_k = rsum(tl.where(rows == k, links, 0.0), 0)
-        b_k = rsum(tl.where(idx == k, ground, 0.0), 0)
-        p_k = rsum(tl.where(idx == k, to_ground, 0.0), 0)
+        b_k = rsum(tl.where(idx == k, rhs, 0.0), 0)
+        p_k = rsum(tl.where(idx == k, pivots, 0.0), 0)
         acc = b_k + rsum(tl.where((idx > k) & (idx < n), row_k * x, 0.0), 0)
         x = tl.where(idx == k, acc * p_k, x)
-    return x, isolated
+    return x
 
 
 @device_function
