@@ -61,7 +61,7 @@ mf-p        nnz b + 4 K + 16             ce + it (24 nnz + 8 Pc + N^3/3 + tr 8 n
 mf-lu       nnz b + 4 K + 16             it ((1 + tr)(15 nnz + 4 Pc + N^3/3) + 24 nnz + 14 Pc + 3 N^3)
 ==========  ===========================  =====================================================
 
-(exp, log, expm1 and log1p count 20 flops each; a float32 Newton system is counted as float64.)
+(exp, log, expm1 and log1p count 20 flops each; every Newton system is float64.)
 The expected time is ``max(bytes / HBM bandwidth, flops / FP64 rate)``. On an H200 (4.8 TB/s, 34
 TFLOP/s FP64 without tensor cores), per million samples of float16 inputs, with it = 5 (ce) or 8
 (mf-p, mf-lu) steps and tr = 1 trial per step, at the structure of this script's shapes:

@@ -68,7 +68,7 @@ template <int M, class Out>
 UHC_HD void solve_grid_thread(const Problem<Out>& prob, double* workspace, int64_t tid, int64_t threads) {
   for (int64_t b = tid; b < prob.batch; b += threads) {
     StridedArena arena(workspace + tid, threads);
-    solve_tile_as<M, 1, double, Out>(prob, b, 1, arena);
+    solve_tile_as<M, 1, Out>(prob, b, 1, arena);
   }
 }
 

@@ -101,8 +101,6 @@ def variants(num_teachers: int, input_dtype: torch.dtype, methods=None) -> list[
         if num_teachers > launch.MAX_TEACHERS[method]:
             continue
         consts = {"IN_DT": idt, "VDT": vdt, **launch.geometry(method, num_teachers)}
-        if method in ("ce", "mf-p"):
-            consts["SDT"] = vdt
         out.append((kernels[method], method, consts, launch.options(method, num_teachers)))
     return out
 

@@ -2,11 +2,11 @@
 
 The algorithm, precision rules and convergence test are those of ``uhc_fast/reference/ce.py`` and
 ``csrc/core/ce.h`` (read the reference's docstring first): solver state in float64 whatever the
-inputs; the grounded Newton Laplacian assembled and solved in the answers' dtype (``SDT``) by
-positive elimination; steps capped at ``max_log_step``; Armijo backtracking on the change of ``F``
-measured term by term (its slope clamped at 0); convergence when the relative KKT residual and the
-Newton step's largest change of a soft label are both <= tol, a converged sample taking that last
-full step if Armijo accepts it.
+inputs, and the grounded Newton Laplacian assembled and solved in float64 too (reference/ce.py:
+Precision says why) by positive elimination; steps capped at ``max_log_step``; Armijo
+backtracking on the change of ``F`` measured term by term (its slope clamped at 0); convergence
+when the relative KKT residual and the Newton step's largest change of a soft label are both
+<= tol, a converged sample taking that last full step if Armijo accepts it.
 
 Work per sample, on the groups of classes covered by the same teachers (``plan.py``):
 
@@ -27,8 +27,8 @@ teacher, ``F = P - P^T`` is exactly antisymmetric, and the Newton system is solv
 tiny mass gets the step its leaving flows ask for, not the rounding of its internal ones. The line
 search measures each group's steps relative to its top teacher's.
 
-Register state: ``t``, ``r``, the step (``(BLOCK_N,)`` float64), the flows ``(BLOCK_N, BLOCK_N)``
-in float64 and the Newton tiles ``(BLOCK_N, BLOCK_N)`` in ``SDT``. Per-group and per-entry state
+Register state: ``t``, ``r``, the step (``(BLOCK_N,)`` float64), the flows and the Newton tiles
+``(BLOCK_N, BLOCK_N)`` in float64. Per-group and per-entry state
 lives in the program's workspace (L1/L2-resident), laid out by :func:`workspace`.
 """
 
@@ -351,7 +351,6 @@ def newton_step(
     pairs,
     N,
     max_log_step,
-    SDT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -360,7 +359,7 @@ def newton_step(
     equals, as ``ground_teacher`` in ``csrc/core/ce.h``), capped at ``max_log_step`` in every t_i.
 
     The links ``W_ij = r_i r_j sum_{g covers i and j} N_g / D_g^2`` are summed per teacher pair
-    over its shared groups (``SDT``), then the Laplacian is solved on a register tile with the
+    over its shared groups, then the Laplacian is solved on a register tile with the
     gradient's :func:`flows` as the right-hand side. Returns ``(step, ok, slope)``: ``ok`` is False
     when the solve gave a non-finite step (the step is then 0), and the slope ``g.step = sum_{i<j}
     F_ij (step_i - step_j)`` is formed from the flows (a common shift of the steps cancels exactly).
@@ -385,11 +384,11 @@ def newton_step(
         width = tl.load(width_ptr + c)
         base = tl.load(base_ptr + c)
         rows = c * BLOCK_R + lanes
-        acc = tl.zeros((BLOCK_R,), SDT)
+        acc = tl.zeros((BLOCK_R,), tl.float64)
         for j in range(width):
             g = tl.load(grp_ptr + base + j * BLOCK_R + lanes)
-            acc += tl.load(yg + g, mask=g >= 0, other=0.0).to(SDT)
-        tl.store(pairs + rows, acc.to(tl.float64), mask=rows < count)
+            acc += tl.load(yg + g, mask=g >= 0, other=0.0)
+        tl.store(pairs + rows, acc, mask=rows < count)
     tl.debug_barrier()
     # (formed here, not once per sample: one more value carried through ce_solve's loop spilled)
     on_shared = shared_evidence(tables, ng, e_ent, N, BLOCK_N, BLOCK_T)
@@ -400,23 +399,22 @@ def newton_step(
     # the right-hand side -g as the flows -F; the grounded teacher's become the others' flows to ground
     flow = flows(tables, r, dg + hdr(tables, P_G), e_ent, tops, N, BLOCK_N)  # (x_g follows D_g)
     tl.store(flow_ws + offs[:, None] * N + offs[None, :], flow, mask=real[:, None] & real[None, :])
-    out = tl.where(free[:, None] & free[None, :], -flow, 0.0).to(SDT)
-    out_to_ground = tl.where(free, rsum(tl.where(offs[None, :] == grounded, -flow, 0.0), 1), 0.0).to(SDT)
+    out = tl.where(free[:, None] & free[None, :], -flow, 0.0)
+    out_to_ground = tl.where(free, rsum(tl.where(offs[None, :] == grounded, -flow, 0.0), 1), 0.0)
     index = tl.load(
         sec(tables, S_PG_INDEX) + offs[:, None] * N + offs[None, :],
         mask=free[:, None] & free[None, :],
         other=-1,
     )
-    shared = tl.load(pairs + index, mask=index >= 0, other=0.0).to(SDT)
-    rs = r.to(SDT)
-    links = rs[:, None] * rs[None, :] * shared
+    shared = tl.load(pairs + index, mask=index >= 0, other=0.0)
+    links = r[:, None] * r[None, :] * shared
     to_ground = tl.load(sec(tables, S_PG_INDEX) + offs * N + grounded, mask=free, other=-1)
-    r_ground = pick(rs, offs, grounded)
-    ground = rs * r_ground * tl.load(pairs + to_ground, mask=to_ground >= 0, other=0.0).to(SDT)
+    r_ground = pick(r, offs, grounded)
+    ground = r * r_ground * tl.load(pairs + to_ground, mask=to_ground >= 0, other=0.0)
     # isolated teachers get step 0, as the reference
     tl.debug_barrier()  # the flows stored
     x, _isolated = gth_solve_flows(links, ground, out, out_to_ground, N, BLOCK_N)
-    step = tl.where(free, x.to(tl.float64), 0.0)
+    step = tl.where(free, x, 0.0)
     finite = rsum(tl.where(step == step, 0, 1), 0) == 0
     step = tl.where(finite, step, 0.0)
     longest = rmax(tl.abs(step), 0)
@@ -506,7 +504,6 @@ def ce_solve(
     params_ptr,
     valid,
     max_iter,
-    SDT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -546,7 +543,7 @@ def ce_solve(
         relative, absolute = kkt(tables, w, mass, real, tv1, ng, mg, dg, N, BLOCK_N, BLOCK_R)
         max_log_step = tl.load(params_ptr + PARAM_MAX_LOG_STEP)
         step, _finite, slope = newton_step(
-            tables, r, dg, ng, e_ent, yg, tv1, pairs, N, max_log_step, SDT, BLOCK_N, BLOCK_R, BLOCK_T
+            tables, r, dg, ng, e_ent, yg, tv1, pairs, N, max_log_step, BLOCK_N, BLOCK_R, BLOCK_T
         )
         n_cls, e_ent, ng, mg, dg, xg, mm, yg, tv0, tv1, pairs = regions(ws, tables)
         r = tl.load(tv0 + offs, mask=real, other=0.0)  # (point's, re-read: carried, it spilled)
@@ -633,7 +630,6 @@ def _ce_kernel(
     max_iter,
     IN_DT: tl.constexpr,  # the teachers' stored dtype
     VDT: tl.constexpr,  # the value row's dtype (the answers')
-    SDT: tl.constexpr,  # the Newton system's dtype (the answers')
     BLOCK_N: tl.constexpr,  # power of two >= N
     BLOCK_R: tl.constexpr,  # SELL chunk height
     BLOCK_T: tl.constexpr,  # entries per teacher per step of a teacher pass
@@ -646,7 +642,7 @@ def _ce_kernel(
     for b in range(pid, batch, programs):
         valid = read_sample(b, teachers_ptr, tables, vals, errors_ptr, params_ptr, IN_DT, VDT, False, BLOCK_R)
         Z, iterations, converged, residual, abs_residual, step = ce_solve(
-            tables, vals, ws, weights_ptr, params_ptr, valid, max_iter, SDT, BLOCK_N, BLOCK_R, BLOCK_T
+            tables, vals, ws, weights_ptr, params_ptr, valid, max_iter, BLOCK_N, BLOCK_R, BLOCK_T
         )
         write_soft(tables, ws, Z, out_ptr + as_i64(b) * K, BLOCK_R)
         tl.store(iterations_ptr + b, iterations)

@@ -75,11 +75,12 @@ class Settings:
 
 # Launch options per method and teacher tile (BLOCK_N): warps per program and the register cap
 # passed to ptxas (``maxnreg``; without one ptxas caps itself near 64 registers and spills). Chosen
-# with ``python -m benchmarks.gpu --aot`` so that no variant spills at N <= 64 (mf-lu: N <= 32).
+# with ``python -m benchmarks.gpu --aot`` so that no variant spills at N <= 64 (mf-lu: N <= 32; mf-p
+# spills 112 B at 33-64). ce's float64 Newton tiles need 144 registers at N = 17-32 (128 spilled 8 B).
 _OPTIONS = {
     "sd": lambda bn: (4, 128),
     "mf-lf": lambda bn: (4, 128),
-    "ce": lambda bn: (4, 128) if bn <= 16 else (8, 128) if bn <= 32 else (8, 255),
+    "ce": lambda bn: (4, 128) if bn <= 16 else (8, 144) if bn <= 32 else (8, 255),
     "mf-p": lambda bn: (4, 200) if bn <= 16 else (8, 200) if bn <= 32 else (8, 255),
     "mf-lu": lambda bn: (4, 255) if bn <= 16 else (8, 255),
 }
@@ -223,8 +224,6 @@ def solve(
             kernel = {"ce": _ce._ce_kernel, "mf-p": _mf_p._mf_p_kernel, "mf-lu": _mf_lu._mf_lu_kernel}[method]
             before = (system.contiguous(),) if method == "mf-lu" else ()
             after = (int(settings.ce_max_iter),) if method == "mf-p" else ()
-            if method != "mf-lu":
-                consts["SDT"] = tl_dtype(out_dtype)
             kernel[(count,)](
                 *common,
                 *before,

@@ -283,7 +283,6 @@ def _mf_p_kernel(
     ce_max_iter,  # the step cap of the `ce` start
     IN_DT: tl.constexpr,
     VDT: tl.constexpr,
-    SDT: tl.constexpr,  # the `ce` start's Newton system dtype
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -304,7 +303,7 @@ def _mf_p_kernel(
     for b in range(pid, batch, programs):
         valid = read_sample(b, teachers_ptr, tables, vals, errors_ptr, params_ptr, IN_DT, VDT, False, BLOCK_R)
         Z, _it, _cv, _res, _abs, _st = _ce.ce_solve(
-            tables, vals, ws, weights_ptr, params_ptr, valid, ce_max_iter, SDT, BLOCK_N, BLOCK_R, BLOCK_T
+            tables, vals, ws, weights_ptr, params_ptr, valid, ce_max_iter, BLOCK_N, BLOCK_R, BLOCK_T
         )
         n_cls, _e, _ng, _mg, dg, _xg, _mm, _yg, _tv0, _tv1, _cp = _ce.regions(ws, tables)
         q, big_b, moved, v_store, dv_store, pairs = regions(ws, tables)

@@ -1,11 +1,12 @@
 // `ce`: damped Newton on the teacher-space dual, a tile of samples in lockstep. The algorithm,
 // its precision rules and its convergence test are those of uhc_fast/reference/ce.py (read its
-// docstring first): state in double, the gradient as flows between teachers (to each group's top
-// teacher), the Newton system in S (float lanes for float32 answers), the grounded Laplacian solved
-// by positive elimination in flow form, steps capped at kMaxLogStep, and a line search measuring
-// F's change term by term. One shortcut the reference does not take: a full step
-// whose curvature bound already passes Armijo's test is accepted without F's per-group logarithms
-// (full_step_bound; the same decision, since the bound is above the exact change).
+// docstring first): state and Newton system in double, the gradient as flows between teachers (to
+// each group's top teacher), the grounded Laplacian solved by positive elimination in flow form,
+// steps capped at kMaxLogStep, and a line search measuring F's change term by term. Two shortcuts
+// the reference does not take: a full step whose curvature bound already passes Armijo's test is
+// accepted without F's per-group logarithms (full_step_bound; the same decision, since the bound is
+// above the exact change), and the Newton step is solved from the summed gradient, from the flows
+// only where a bound on the summed gradient's rounding says it matters (newton_step).
 //
 // Classes covered by the same teachers ("groups") share D_g = sum_{i in g} exp(t_i), so every
 // per-iteration loop runs over groups and their (group, teacher) entries: O(E) for the point and
@@ -17,7 +18,7 @@
 
 namespace UHC_NAMESPACE {
 
-template <int W, class S, class Arena>
+template <int W, class Arena>
 struct CeScratch {
   using D = typename Lanes<W>::D;
   View<Arena, D> n;                             // class evidence (K)
@@ -27,10 +28,12 @@ struct CeScratch {
                                                             // teacher with the most evidence (its index, per
                                                             // lane), D_g, 1 / D_g, N_g / D_g, step mean, the
                                                             // trial's D_g, next D_g
-  View<Arena, D> t, r, step, mass, evidence_shared, moved, wm, rs, ex, ex_size;  // per teacher
+  View<Arena, D> t, r, step, mass, evidence, evidence_shared, moved, wm, rs, ex, ex_size;  // per teacher
+  View<Arena, D> gradient, rounding;  // per teacher: the summed gradient and a bound on its rounding
   View<Arena, D> to_top;  // N x N: the gradient's flows P_ij (to each group's top teacher j)
-  View<Arena, S> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
-  View<Arena, S> links, ground, flows, flows_to_ground, rhs, pivot, sol;  // the grounded Newton system
+  View<Arena, D> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
+  View<Arena, D> links, ground, flows, flows_to_ground, rhs, pivot, sol;  // the grounded Newton system
+  View<Arena, D> links_copy, ground_copy, rhs_bound, bound;  // its copy for the summed gradient's solve
   UHC_HD CeScratch(Arena& a, const Structure& s)
       : n(a.template take<D>(s.K)),
         row(a.template take<D>(s.K)),
@@ -48,21 +51,28 @@ struct CeScratch {
         r(a.template take<D>(s.N)),
         step(a.template take<D>(s.N)),
         mass(a.template take<D>(s.N)),
+        evidence(a.template take<D>(s.N)),
         evidence_shared(a.template take<D>(s.N)),
         moved(a.template take<D>(s.N)),
         wm(a.template take<D>(s.N)),
         rs(a.template take<D>(s.N)),
         ex(a.template take<D>(s.N)),
         ex_size(a.template take<D>(s.N)),
+        gradient(a.template take<D>(s.N)),
+        rounding(a.template take<D>(s.N)),
         to_top(a.template take<D>(int64_t(s.N) * s.N)),
-        curvature(a.template take<S>(s.G)),
-        links(a.template take<S>(int64_t(s.N) * s.N)),
-        ground(a.template take<S>(s.N)),
-        flows(a.template take<S>(int64_t(s.N) * s.N)),
-        flows_to_ground(a.template take<S>(s.N)),
-        rhs(a.template take<S>(s.N)),
-        pivot(a.template take<S>(s.N)),
-        sol(a.template take<S>(s.N)) {}
+        curvature(a.template take<D>(s.G)),
+        links(a.template take<D>(int64_t(s.N) * s.N)),
+        ground(a.template take<D>(s.N)),
+        flows(a.template take<D>(int64_t(s.N) * s.N)),
+        flows_to_ground(a.template take<D>(s.N)),
+        rhs(a.template take<D>(s.N)),
+        pivot(a.template take<D>(s.N)),
+        sol(a.template take<D>(s.N)),
+        links_copy(a.template take<D>(int64_t(s.N) * s.N)),
+        ground_copy(a.template take<D>(s.N)),
+        rhs_bound(a.template take<D>(s.N)),
+        bound(a.template take<D>(s.N)) {}
 };
 
 // An upper bound on F(t + step) - F(t) from the step's slope and curvature, with no logarithms.
@@ -81,6 +91,11 @@ UHC_HD D full_step_bound(const D& slope, const D& quad, const D& spread, const D
   const D phi = select(x < 1e-2, series, closed);
   return slope + (vmax(quad, splat<D>(0.0)) + rounding * spread) * phi * (1.0 + 1e-9);
 }
+
+// ce's step is solved again from the gradient as flows where the summed gradient's rounding could
+// move it by more than this fraction of tol (CeSolver::newton_step): the next step's change of the
+// soft labels, which the convergence test measures, then moves by at most 2 tol / 32.
+constexpr double kSummedStepError = 1.0 / 32;
 
 // The margin full_step_bound needs for quad = spread - sum_g N_g m_g^2: both sums' rounding is
 // within (G + N) ulps of spread.
@@ -102,33 +117,34 @@ UHC_HD V ground_teacher(const Values& evidence_shared, int N) {
   return k;
 }
 
-template <int W, class S, class Out, class Arena>
+template <int W, class Out, class Arena>
 struct CeSolver {
   using D = typename Lanes<W>::D;
   using M = typename Lanes<W>::M;
   const Tile<W, Out>& tile;
-  CeScratch<W, S, Arena>& sc;
+  CeScratch<W, Arena>& sc;
 
   UHC_HD const Structure& s() const { return tile.s(); }
   static UHC_HD D num(double x) { return splat<D>(x); }
 
   // Adds teacher i's evidence, wi times its columns' values value(j - offsets[i]), to n and to its
-  // (group, teacher) entries, and sets its evidence on the groups it shares (which teacher is
-  // grounded).
+  // (group, teacher) entries, and sets its total evidence E_i and its evidence on the groups it
+  // shares (which teacher is grounded).
   template <class Value>
   UHC_HD void add_teacher(int i, const D& wi, Value value) const {
     const Structure& st = s();
     const int lo = st.offsets[i];
-    D on_shared = num(0);
+    D on_shared = num(0), total = num(0);
     for (int j = lo; j < st.offsets[i + 1]; ++j) {
       const int l = st.class_index[j], g = st.class_group[l];
       const D v = wi * value(j - lo);
       sc.n[l] = D(sc.n[l]) + v;
       const int k = st.col_entry[j];
       sc.entry[k] = D(sc.entry[k]) + v;
+      total += v;
       if (st.grp_ptr[g + 1] - st.grp_ptr[g] > 1) on_shared += v;
     }
-    sc.evidence_shared[i] = on_shared;
+    sc.evidence[i] = total, sc.evidence_shared[i] = on_shared;
   }
 
   UHC_HD void clear_evidence() const {
@@ -210,9 +226,9 @@ struct CeSolver {
   }
 
   // From D_g (first rescaled by `rescale`, as r was): 1 / D_g, x_g = N_g / D_g and the Newton
-  // system's link weight N_g / D_g^2 per group; per teacher the mass it covers,
-  // mass_i = sum_{g covers i} x_g, and (`with_gradient`: all but the final point) the gradient as
-  // flows (flow_to_top). Returns Z = sum_g x_g.
+  // system's link weight N_g / D_g^2 per group; per teacher (`with_gradient`: all but the final
+  // point) the mass it covers, mass_i = sum_{g covers i} x_g, and the summed gradient
+  // g_i = r_i mass_i - E_i with a bound on its rounding. Returns Z = sum_g x_g.
   UHC_HD D point(const D& rescale, bool with_gradient = true) const {
     const Structure& st = s();
     D Z = num(0);
@@ -220,7 +236,7 @@ struct CeSolver {
       const D d = D(sc.Dg[g]) * rescale;
       sc.Dg[g] = d;
       const D inv = vrecip(vmax(d, num(2.2250738585072014e-308))), x = D(sc.Ng[g]) * inv;
-      sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = lanes_cast<S>(x * inv);
+      sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = (x * inv);
       Z += x;
     }
     if (!with_gradient) return Z;
@@ -232,33 +248,44 @@ struct CeSolver {
         for (int k = st.grp_ptr[g]; k < st.grp_ptr[g + 1]; ++k)
           sc.mass[st.grp_teacher[k]] = D(sc.mass[st.grp_teacher[k]]) + D(sc.x[g]);
     }
-    flow_to_top();
+    // its rounding, to first order: D_g and n_l sum at most N terms each, a group's N_g, mass_i and
+    // E_i at most |L_i| (teacher i's classes), and a few operations more: within
+    // 2^-53 (2N + 2|L_i| + 4) of r_i mass_i + E_i
+    for (int i = 0; i < st.N; ++i) {
+      const D covered = D(sc.r[i]) * D(sc.mass[i]), evidence = sc.evidence[i];
+      sc.gradient[i] = covered - evidence;
+      sc.rounding[i] = (0x1p-52 * (st.N + st.offsets[i + 1] - st.offsets[i] + 2)) * (covered + evidence);
+    }
     return Z;
   }
 
-  // The gradient g_i = sum_{g covers i} (pi_ig N_g - e_ig) as flows between teachers
-  // (reference/ce.py says why): each group's term of every teacher but its top one flows to the
-  // top one, P_{i top} += pi_ig N_g - e_ig; g_i = sum_j (P_ij - P_ji). A group one teacher covers has
-  // no flow. The top teacher differs between lanes, so the flows are added lane by lane.
-  UHC_HD void flow_to_top() const {
+  // The gradient g_i = sum_{g covers i} (pi_ig N_g - e_ig) as flows between teachers, for the lanes
+  // of `lanes` (the others' flows are 0; reference/ce.py says why): each group's term of every
+  // teacher but its top one flows to the top one, P_{i top} += pi_ig N_g - e_ig;
+  // g_i = sum_j (P_ij - P_ji). A group one teacher covers has no flow. The top teacher differs
+  // between lanes, so the flows are added lane by lane.
+  UHC_HD void flow_to_top(const M& lanes) const {
     const Structure& st = s();
     const int N = st.N;
+    int chosen[W], count = 0;
+    for (int l = 0; l < W; ++l)
+      if (lane(lanes, l)) chosen[count++] = l;
     for (int k = 0; k < N * N; ++k) sc.to_top[k] = num(0);
     for (int g = 0; g < st.G; ++g) {
       const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
       if (hi - lo < 2) continue;
       const D inv = sc.inv[g], Ng = sc.Ng[g];
       int top[W];
-      for (int l = 0; l < W; ++l) top[l] = static_cast<int>(lane(D(sc.top[g]), l));
+      for (int c = 0; c < count; ++c) top[c] = static_cast<int>(lane(D(sc.top[g]), chosen[c]));
       for (int k = lo; k < hi; ++k) {
         const int i = st.grp_teacher[k];
         const D term = D(sc.r[i]) * inv * Ng - D(sc.entry[k]);  // (pi_ig first: exactly 0 between equal teachers)
         // (the top teacher's own term lands on the diagonal, which F leaves out: no branch)
         if constexpr (W > 1) {  // lane by lane, as scalars in memory
-          double lanes[W];
-          std::memcpy(lanes, &term, sizeof(lanes));
+          double values[W];
+          std::memcpy(values, &term, sizeof(values));
           double* row = reinterpret_cast<double*>(&sc.to_top[i * N]);
-          for (int l = 0; l < W; ++l) row[top[l] * W + l] += lanes[l];
+          for (int c = 0; c < count; ++c) row[top[c] * W + chosen[c]] += values[chosen[c]];
         } else {
           add_to_lane(sc.to_top[i * N + top[0]], 0, lane(term, 0));
         }
@@ -269,9 +296,9 @@ struct CeSolver {
   // The flow F_ij = P_ij - P_ji from teacher i to j (exactly antisymmetric).
   UHC_HD D flow(int i, int j) const { return D(sc.to_top[i * s().N + j]) - D(sc.to_top[j * s().N + i]); }
 
-  // The gradient's slope along the step, sum_i g_i step_i = sum_{i<j} F_ij (step_i - step_j): a
-  // common shift of the step cancels exactly.
-  UHC_HD D slope() const {
+  // The gradient's slope along the step, sum_i g_i step_i = sum_{i<j} F_ij (step_i - step_j) from
+  // the flows: a common shift of the step cancels exactly.
+  UHC_HD D flow_slope() const {
     const int N = s().N;
     D out = num(0);
     for (int i = 0; i < N; ++i)
@@ -279,61 +306,86 @@ struct CeSolver {
     return out;
   }
 
-  // The Newton step, grounded at ground_teacher(), capped at kMaxLogStep; returns its longest
-  // component (after the cap).
-  UHC_HD D newton_step() const {
+  // The Newton step, grounded at ground_teacher() and capped at kMaxLogStep, and its slope; returns
+  // its longest component (after the cap). The step is solved from the summed gradient (point()),
+  // with a bound on how far that gradient's rounding moves it: the grounded system's inverse is
+  // non-negative, so solving it for the rounding bounds gives bounds on the step's error. Lanes of
+  // `active` where a bound exceeds kSummedStepError tol, or where the slope's sign is in doubt,
+  // solve again from the gradient as flows (flow_to_top): the summed gradient's rounding swamps a
+  // split across tiny classes (reference/ce.py), and the flows cost a lane-by-lane scatter that
+  // rows of well-joined teachers do not need (one shortcut more than the reference takes).
+  UHC_HD D newton_step(const M& active, double tol, D& slope) const {
     const Structure& st = s();
     const int N = st.N;
     // C_ij = sum over the groups holding teachers i < j of N_g / D_g^2 (sc.curvature, from point())
     if (st.pair_ptr) {
       for (int i = 0, p = 0; i < N; ++i)
-        for (int j = i + 1; j < N; ++j, ++p) sc.links[i * N + j] = gather_sum<S>(sc.curvature, st.pair_group, st.pair_ptr[p], st.pair_ptr[p + 1]);
+        for (int j = i + 1; j < N; ++j, ++p) sc.links[i * N + j] = gather_sum<D>(sc.curvature, st.pair_group, st.pair_ptr[p], st.pair_ptr[p + 1]);
     } else {
-      for (int k = 0; k < N * N; ++k) sc.links[k] = splat<S>(0.0);
+      for (int k = 0; k < N * N; ++k) sc.links[k] = num(0);
       for (int g = 0; g < st.G; ++g) {
         const int lo = st.grp_ptr[g], hi = st.grp_ptr[g + 1];
-        const S y = sc.curvature[g];
+        const D y = sc.curvature[g];
         for (int a = lo; a < hi; ++a) {
           const int row = st.grp_teacher[a] * N;
-          for (int b = a + 1; b < hi; ++b) sc.links[row + st.grp_teacher[b]] = S(sc.links[row + st.grp_teacher[b]]) + y;
+          for (int b = a + 1; b < hi; ++b) sc.links[row + st.grp_teacher[b]] = D(sc.links[row + st.grp_teacher[b]]) + y;
         }
       }
     }
     // each lane's grounded teacher's links become the others' ground; it is left with no links and
     // no ground, which the elimination solves with step 0 (links_ij = r_i r_j C_ij for the rest)
-    const D grounded = ground_teacher<D>(sc.evidence_shared, N);
-    const S zero = splat<S>(0.0), k = lanes_cast<S>(grounded);
-    S rk = zero;
-    for (int j = 0; j < N; ++j) rk = select(k == S(splat<S>(j)), lanes_cast<S>(D(sc.r[j])), rk);
-    // the right-hand side -g as the flows -F (flow_to_top), the grounded teacher's becoming the
-    // others' flows to ground
+    const D grounded = ground_teacher<D>(sc.evidence_shared, N), zero = num(0);
+    D r_grounded = zero;
+    for (int j = 0; j < N; ++j) r_grounded = select(grounded == num(j), D(sc.r[j]), r_grounded);
     for (int i = 0; i < N; ++i) {
-      S link = zero, out = zero;  // C_ik, -F_ik
+      D link = zero;  // C_ik
       for (int j = 0; j < N; ++j)
-        if (j != i) {
-          const auto is_j = k == S(splat<S>(j));
-          link = select(is_j, S(sc.links[i < j ? i * N + j : j * N + i]), link);
-          out = select(is_j, lanes_cast<S>(flow(j, i)), out);
-        }
-      const auto is_k = k == S(splat<S>(i));
-      sc.ground[i] = select(is_k, zero, lanes_cast<S>(D(sc.r[i])) * rk * link);
-      sc.flows_to_ground[i] = select(is_k, zero, out);
+        if (j != i) link = select(grounded == num(j), D(sc.links[i < j ? i * N + j : j * N + i]), link);
+      const M is_grounded = grounded == num(i);
+      sc.ground[i] = sc.ground_copy[i] = select(is_grounded, zero, D(sc.r[i]) * r_grounded * link);
+      sc.rhs[i] = select(is_grounded, zero, -D(sc.gradient[i]));
+      sc.rhs_bound[i] = select(is_grounded, zero, D(sc.rounding[i]));
     }
-    for (int i = 0; i < N; ++i) {
-      const S ri = lanes_cast<S>(D(sc.r[i]));
-      const auto is_k = k == S(splat<S>(i));
+    for (int i = 0; i < N; ++i)  // (after every C_ik is read)
       for (int j = i + 1; j < N; ++j) {
-        const auto off = is_k | (k == S(splat<S>(j)));
-        sc.links[i * N + j] = select(off, zero, ri * lanes_cast<S>(D(sc.r[j])) * S(sc.links[i * N + j]));
-        sc.flows[i * N + j] = select(off, zero, lanes_cast<S>(flow(j, i)));
+        const M off = (grounded == num(i)) | (grounded == num(j));
+        sc.links[i * N + j] = sc.links_copy[i * N + j] = select(off, zero, D(sc.r[i]) * D(sc.r[j]) * D(sc.links[i * N + j]));
+      }
+    grounded_laplacian_solve<D>(sc.links_copy, sc.ground_copy, {sc.rhs, sc.rhs_bound}, sc.pivot, {sc.sol, sc.bound}, N);
+    D worst = zero, summed_slope = zero, slope_rounding = zero, longest = zero;
+    for (int i = 0; i < N; ++i) {
+      const D step = select(grounded == num(i), zero, D(sc.sol[i]));
+      sc.step[i] = step;
+      worst = vmax(worst, D(sc.bound[i]));
+      summed_slope += D(sc.gradient[i]) * step, slope_rounding += D(sc.rounding[i]) * vabs(step);
+      longest = vmax(longest, vabs(step));
+    }
+    const D allowed = num(kSummedStepError * tol);
+    const M doubtful_slope = lnot(summed_slope + slope_rounding < 0) & (longest > allowed);
+    const M flows = active & (lnot(worst <= allowed) | doubtful_slope);
+    if (any(flows)) {
+      // the right-hand side -g as the flows -F, the grounded teacher's becoming the others' flows to
+      // ground
+      flow_to_top(flows);
+      for (int i = 0; i < N; ++i) {
+        D out = zero;  // -F_ik
+        for (int j = 0; j < N; ++j)
+          if (j != i) out = select(grounded == num(j), flow(j, i), out);
+        const M is_grounded = grounded == num(i);
+        sc.flows_to_ground[i] = select(is_grounded, zero, out);
+        for (int j = i + 1; j < N; ++j) sc.flows[i * N + j] = select(is_grounded | (grounded == num(j)), zero, flow(j, i));
+      }
+      grounded_laplacian_solve_flows<D>(sc.links, sc.ground, sc.flows, sc.flows_to_ground, sc.rhs, sc.pivot, sc.sol, N);
+      longest = zero;
+      for (int i = 0; i < N; ++i) {
+        const D from_flows = select(grounded == num(i), zero, D(sc.sol[i]));
+        sc.step[i] = select(flows, from_flows, D(sc.step[i])), longest = vmax(longest, vabs(D(sc.step[i])));
       }
     }
-    grounded_laplacian_solve_flows<S>(sc.links, sc.ground, sc.flows, sc.flows_to_ground, sc.rhs, sc.pivot, sc.sol, N);
-    D longest = num(0);
-    for (int i = 0; i < N; ++i)
-      sc.step[i] = select(grounded == num(i), num(0), lanes_cast<D>(S(sc.sol[i]))), longest = vmax(longest, vabs(D(sc.step[i])));
     const D cap = num(kMaxLogStep) / vmax(longest, num(kMaxLogStep));
-    for (int i = 0; i < N; ++i) sc.step[i] = D(sc.step[i]) * cap;
+    slope = zero;
+    for (int i = 0; i < N; ++i) sc.step[i] = D(sc.step[i]) * cap, slope += D(sc.gradient[i]) * D(sc.step[i]);
+    if (any(flows)) slope = select(flows, flow_slope(), slope);
     return vmin(longest, num(kMaxLogStep));
   }
 
@@ -435,8 +487,8 @@ struct CeSolver {
     D rescale = one;
     for (int iteration = 0;; ++iteration) {
       const D Z = point(rescale);
-      const D longest = newton_step();
-      const D slope = this->slope();
+      D slope;
+      const D longest = newton_step(active, tol, slope);
       D relative, absolute, pred, change_full;
       measure(Z, slope, active, relative, absolute, pred, change_full);
       rep.residual = select(active, relative, rep.residual);

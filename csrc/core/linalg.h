@@ -13,11 +13,13 @@ namespace UHC_NAMESPACE {
 // Grounded graph Laplacian: solve (diag(sum_j L_ij + g_i) - L) x = b for link weights L >= 0
 // (upper triangle), ground weights g >= 0, by positive (Grassmann-Taksar-Heyman) elimination:
 // every pivot and update is a sum of non-negative terms, so a system whose links span many orders
-// of magnitude keeps the relative precision of its weakest link. L, g and b are overwritten; x
-// goes to `x`. A node with no path to ground (a disconnected graph) gets x = 0.
+// of magnitude keeps the relative precision of its weakest link. R right-hand sides b[r] (solutions
+// x[r]) share one elimination. L, g and b are overwritten. A node with no path to ground (a
+// disconnected graph) gets x = 0. The inverse of such a system is entrywise non-negative (an
+// M-matrix): with b >= 0 every operation adds non-negative terms.
 // (uhc_fast/linalg.py: grounded_laplacian_solve is the same algorithm.)
-template <class V, class Buf>
-UHC_HD void grounded_laplacian_solve(Buf L, Buf g, Buf b, Buf pivot, Buf x, int n) {
+template <class V, int R, class Buf>
+UHC_HD void grounded_laplacian_solve(Buf L, Buf g, const Buf (&b)[R], Buf pivot, const Buf (&x)[R], int n) {
   for (int k = 0; k < n; ++k) {
     V d = g[k];
     for (int j = k + 1; j < n; ++j) d += V(L[k * n + j]);
@@ -29,14 +31,15 @@ UHC_HD void grounded_laplacian_solve(Buf L, Buf g, Buf b, Buf pivot, Buf x, int 
       const V f = V(L[k * n + i]) * inv;  // the multipliers are links too: no sign changes anywhere
       for (int j = i + 1; j < n; ++j) L[i * n + j] = V(L[i * n + j]) + f * V(L[k * n + j]);
       g[i] = V(g[i]) + f * V(g[k]);
-      b[i] = V(b[i]) + f * V(b[k]);
+      for (int r = 0; r < R; ++r) b[r][i] = V(b[r][i]) + f * V(b[r][k]);
     }
   }
-  for (int k = n - 1; k >= 0; --k) {
-    V acc = b[k];
-    for (int j = k + 1; j < n; ++j) acc += V(L[k * n + j]) * V(x[j]);
-    x[k] = acc * V(pivot[k]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int k = n - 1; k >= 0; --k) {
+      V acc = b[r][k];
+      for (int j = k + 1; j < n; ++j) acc += V(L[k * n + j]) * V(x[r][j]);
+      x[r][k] = acc * V(pivot[k]);
+    }
 }
 
 // grounded_laplacian_solve for b_i = sum_j F_ij + Fg_i, with the flows F (antisymmetric: only the

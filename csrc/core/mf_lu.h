@@ -103,7 +103,7 @@ struct MfLuSolver {
       sc.ground[i] = D(sc.links[i * N + n]);
       sc.rhs[i] = D(v[i]) * D(sc.beta[i]);
     }
-    grounded_laplacian_solve<D>(sc.links, sc.ground, sc.rhs, sc.pivot, sc.x, n);
+    grounded_laplacian_solve<D>(sc.links, sc.ground, {sc.rhs}, sc.pivot, {sc.x}, n);
     for (int i = 0; i < n; ++i) sc.c[i] = D(v[i]) * D(sc.x[i]);
     sc.c[n] = zero;
     for (int l = 0; l < st.K; ++l) {

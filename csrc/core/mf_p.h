@@ -7,10 +7,10 @@
 
 namespace UHC_NAMESPACE {
 
-template <int W, class S, class Arena>
+template <int W, class Arena>
 struct MfPScratch {
   using D = typename Lanes<W>::D;
-  CeScratch<W, S, Arena> ce;                   // the start
+  CeScratch<W, Arena> ce;                   // the start
   View<Arena, D> p;                            // packed probabilities (nnz)
   View<Arena, D> q, B, moved;                  // per class: fitted q (unnormalised), B_l, the step's change of q
   View<Arena, D> v, cand, grad, step, dv, e;   // per teacher (e: one class's entries)
@@ -30,12 +30,12 @@ struct MfPScratch {
         H(a.template take<D>(int64_t(s.N) * s.N)) {}
 };
 
-template <int W, class S, class Out, class Arena>
+template <int W, class Out, class Arena>
 struct MfPSolver {
   using D = typename Lanes<W>::D;
   using M = typename Lanes<W>::M;
   const Tile<W, Out>& tile;
-  MfPScratch<W, S, Arena>& sc;
+  MfPScratch<W, Arena>& sc;
 
   UHC_HD const Structure& s() const { return tile.s(); }
   static UHC_HD D num(double x) { return splat<D>(x); }
@@ -82,7 +82,7 @@ struct MfPSolver {
     const Structure& st = s();
     const int N = st.N;
     const double* w = tile.prob.weights;
-    const CeSolver<W, S, Out, Arena> start{tile, sc.ce};
+    const CeSolver<W, Out, Arena> start{tile, sc.ce};
     start.packed_evidence(sc.p);
     start.solve(active, tol, kDefaultMaxIter);  // the start, in sc.ce.n
     // the scale gauge: the heaviest teacher keeps its scale, of those the one with the most classes

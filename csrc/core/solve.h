@@ -13,9 +13,8 @@
 
 namespace UHC_NAMESPACE {
 
-// One tile of method M. S: the lane type of ce's Newton system (float lanes for float32 answers on
-// the CPU, else D).
-template <int M, int W, class S, class Out, class Arena>
+// One tile of method M.
+template <int M, int W, class Out, class Arena>
 UHC_HD void solve_tile_as(const Problem<Out>& prob, int64_t first, int lanes, Arena& arena) {
   const Tile<W, Out> tile{prob, first, lanes};
   const Structure& s = prob.s;
@@ -23,16 +22,16 @@ UHC_HD void solve_tile_as(const Problem<Out>& prob, int64_t first, int lanes, Ar
     SdScratch<W, Arena> sc(arena, s);
     solve_sd(tile, sc);
   } else if constexpr (M == kCE) {
-    CeScratch<W, S, Arena> sc(arena, s);
-    const CeSolver<W, S, Out, Arena> solver{tile, sc};
+    CeScratch<W, Arena> sc(arena, s);
+    const CeSolver<W, Out, Arena> solver{tile, sc};
     const auto valid = solver.read_evidence();
     const Report<W> report = solver.solve(valid, prob.tol, prob.max_iter);
     tile.write_soft(sc.n);
     tile.write_report(report);
   } else if constexpr (M == kMFP) {
-    MfPScratch<W, S, Arena> sc(arena, s);
+    MfPScratch<W, Arena> sc(arena, s);
     const auto valid = tile.load(sc.p);
-    const Report<W> report = MfPSolver<W, S, Out, Arena>{tile, sc}.solve(valid, prob.tol, prob.max_iter);
+    const Report<W> report = MfPSolver<W, Out, Arena>{tile, sc}.solve(valid, prob.tol, prob.max_iter);
     tile.write_soft(sc.q);
     tile.write_report(report);
   } else if constexpr (M == kMFLF) {
@@ -67,13 +66,13 @@ inline void with_method(int method, F f) {
 // One tile of a launch, whatever the method: carve its scratch, read its rows, solve, write out.
 // The launchers (cpu/tiles.cpp: OpenMP over tiles of W lanes; cuda/kernels.cu and grid.h: one
 // thread per single-lane tile) only decide which tiles a thread takes.
-template <int W, class S, class Out, class Arena>
+template <int W, class Out, class Arena>
 inline void solve_tile(const Problem<Out>& prob, int64_t first, int lanes, Arena& arena) {
-  with_method(prob.method, [&](auto m) { solve_tile_as<decltype(m)::value, W, S>(prob, first, lanes, arena); });
+  with_method(prob.method, [&](auto m) { solve_tile_as<decltype(m)::value, W>(prob, first, lanes, arena); });
 }
 
 // The scratch one tile of `method` needs, measured by carving it from a null arena.
-template <int W, class S>
+template <int W>
 inline int64_t tile_bytes(int method, const Structure& s) {
   DenseArena arena;
   switch (method) {
@@ -81,10 +80,10 @@ inline int64_t tile_bytes(int method, const Structure& s) {
       { SdScratch<W, DenseArena> measured(arena, s); }
       break;
     case kCE:
-      { CeScratch<W, S, DenseArena> measured(arena, s); }
+      { CeScratch<W, DenseArena> measured(arena, s); }
       break;
     case kMFP:
-      { MfPScratch<W, S, DenseArena> measured(arena, s); }
+      { MfPScratch<W, DenseArena> measured(arena, s); }
       break;
     case kMFLF:
       { MfLfScratch<W, DenseArena> measured(arena, s); }
@@ -104,10 +103,10 @@ UHC_HD int64_t tile_slots(int method, const Structure& s) {
       { SdScratch<1, StridedArena> measured(arena, s); }
       break;
     case kCE:
-      { CeScratch<1, double, StridedArena> measured(arena, s); }
+      { CeScratch<1, StridedArena> measured(arena, s); }
       break;
     case kMFP:
-      { MfPScratch<1, double, StridedArena> measured(arena, s); }
+      { MfPScratch<1, StridedArena> measured(arena, s); }
       break;
     case kMFLF:
       { MfLfScratch<1, StridedArena> measured(arena, s); }

@@ -11,7 +11,7 @@
 //   2. group the union's ids by bitmask (at most 2^N - 1 groups), decide connectivity of the
 //      teachers' overlap graph, and add the uniform prior teacher where asked;
 //   3. build the per-sample `Structure` (the sections CeSolver reads) and solve it with the dense
-//      solver, CeSolver<1, double>: the same Newton math as `ce`, with scalar doubles;
+//      solver, CeSolver<1, double> (one lane, double answers): the same Newton math as `ce`, with scalar doubles;
 //   4. write the union's ids sorted by decreasing soft label (ties by increasing id), -1-padded.
 // Work per sample: O(sum k_i) for the merge, O(E + G) per Newton step, O(U log U) for the sort.
 #pragma once
@@ -183,7 +183,7 @@ struct TopkScratch {
     order = take<uint64_t>(base, T);
     // the largest per-sample structure: N + 1 teachers, T classes and groups, 2T columns and entries
     DenseArena measure;
-    { CeScratch<1, double, DenseArena> measured(measure, Structure::of_sizes(N + 1, int32_t(T), int32_t(2 * T), int32_t(T), int32_t(2 * T), 0)); }
+    { CeScratch<1, DenseArena> measured(measure, Structure::of_sizes(N + 1, int32_t(T), int32_t(2 * T), int32_t(T), int32_t(2 * T), 0)); }
     ce = take<char>(base, measure.bytes());
   }
 };
@@ -404,7 +404,7 @@ inline void solve_topk_sample(const TopkProblem<Out>& prob, int64_t b, TopkScrat
     dense.max_iter = prob.max_iter;
     const Tile<1, double> tile{dense, 0, 1};
     DenseArena arena(sc.ce);
-    CeScratch<1, double, DenseArena> ce(arena, s);
+    CeScratch<1, DenseArena> ce(arena, s);
     double* packed = sc.packed;
     // each column's (group, teacher) entry: a group's teachers are in rank order, the prior last
     for (int i = 0, r = 0; i < N; ++i) {
@@ -422,7 +422,7 @@ inline void solve_topk_sample(const TopkProblem<Out>& prob, int64_t b, TopkScrat
       for (int32_t u = 0, col = sc.offsets[np]; u < U; ++u, ++col)
         sc.class_index[col] = u, packed[col] = uniform, sc.col_entry[col] = sc.grp_ptr[sc.ugroup[u] + 1] - 1;
     }
-    const CeSolver<1, double, double, DenseArena> solver{tile, ce};
+    const CeSolver<1, double, DenseArena> solver{tile, ce};
     solver.packed_evidence(packed);
     const Report<1> report = solver.solve(true, prob.tol, prob.max_iter);
     for (int32_t u = 0; u < U; ++u) sc.q[u] = ce.n[u];

@@ -21,9 +21,7 @@ constexpr int W = UHC_LANES;
 
 template <class Out>
 void run(const Problem<Out>& prob, int threads) {
-  // ce's Newton system: float lanes for float32 answers (it sets how fast ce converges, not where)
-  using S = std::conditional_t<std::is_same<Out, float>::value, typename Lanes<W>::F, typename Lanes<W>::D>;
-  const int64_t bytes = tile_bytes<W, S>(prob.method, prob.s);
+  const int64_t bytes = tile_bytes<W>(prob.method, prob.s);
   const int64_t tiles = (prob.batch + W - 1) / W;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -41,7 +39,7 @@ void run(const Problem<Out>& prob, int threads) {
     for (int64_t t = 0; t < tiles; ++t) {
       DenseArena arena(base);
       const int64_t first = t * W;
-      solve_tile<W, S, Out>(prob, first, static_cast<int>(std::min<int64_t>(W, prob.batch - first)), arena);
+      solve_tile<W, Out>(prob, first, static_cast<int>(std::min<int64_t>(W, prob.batch - first)), arena);
     }
   }
   (void)threads;
