@@ -33,7 +33,8 @@ struct CeScratch {
   View<Arena, D> to_top;  // N x N: the gradient's flows P_ij (to each group's top teacher j)
   View<Arena, D> curvature;                     // per group: N_g / D_g^2, the Newton system's link weight
   View<Arena, D> links, ground, flows, flows_to_ground, rhs, pivot, sol;  // the grounded Newton system
-  View<Arena, D> links_copy, ground_copy, rhs_bound, bound;  // its copy for the summed gradient's solve
+  View<Arena, D> links_copy, ground_copy, rhs_bound, bound;  // the summed gradient's solve: the system's copy,
+                                                             // the rounding bounds and the step's error bounds
   UHC_HD CeScratch(Arena& a, const Structure& s)
       : n(a.template take<D>(s.K)),
         row(a.template take<D>(s.K)),
@@ -236,7 +237,7 @@ struct CeSolver {
       const D d = D(sc.Dg[g]) * rescale;
       sc.Dg[g] = d;
       const D inv = vrecip(vmax(d, num(2.2250738585072014e-308))), x = D(sc.Ng[g]) * inv;
-      sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = (x * inv);
+      sc.inv[g] = inv, sc.x[g] = x, sc.curvature[g] = x * inv;
       Z += x;
     }
     if (!with_gradient) return Z;
@@ -259,9 +260,9 @@ struct CeSolver {
     return Z;
   }
 
-  // The gradient g_i = sum_{g covers i} (pi_ig N_g - e_ig) as flows between teachers, for the lanes
-  // of `lanes` (the others' flows are 0; reference/ce.py says why): each group's term of every
-  // teacher but its top one flows to the top one, P_{i top} += pi_ig N_g - e_ig;
+  // The gradient g_i = sum_{g covers i} (pi_ig N_g - e_ig) as flows between teachers
+  // (reference/ce.py says why), for the lanes of `lanes` (the others' are left 0): each group's
+  // term of every teacher but its top one flows to the top one, P_{i top} += pi_ig N_g - e_ig;
   // g_i = sum_j (P_ij - P_ji). A group one teacher covers has no flow. The top teacher differs
   // between lanes, so the flows are added lane by lane.
   UHC_HD void flow_to_top(const M& lanes) const {
