@@ -89,12 +89,13 @@ _TILE_WARPS = {}
 # Triton before 3.7 (3.6 is what the GPU machines have) allocates more registers (checked the same
 # way, with triton 3.6 installed): under the caps above ptxas spills 224 B (ce) and 120 B (mf-p) at
 # N=20, and mf-lu spills at 8 and 16 teachers (184 B, 88 B; 276 B with 8 warps on a tile sized for
-# them). The settings below spill nothing up to 32 teachers: mf-lu runs 8 warps over a 4-warp tile
-# there. At 33-64, ce and mf-p spill whatever the cap (120 B, 2.6 KB): there they serve 32 teachers
+# them). The settings below spill nothing up to 32 teachers (2026-12-08, with the float64 Newton
+# tiles: at the former caps 184 and 232, ce spilled 16 B and mf-p 48 B at N=20): mf-lu runs 8 warps
+# over a 4-warp tile there. At 33-64, ce and mf-p spill whatever the cap (120 B, 2.6 KB): there they serve 32 teachers
 # at most, and larger problems go to the reference like any other.
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
-    _OPTIONS["ce"] = lambda bn: (4, 184) if bn <= 16 else (8, 184) if bn <= 32 else (8, 255)
-    _OPTIONS["mf-p"] = lambda bn: (4, 232) if bn <= 16 else (8, 232) if bn <= 32 else (8, 255)
+    _OPTIONS["ce"] = lambda bn: (4, 184) if bn <= 16 else (8, 200) if bn <= 32 else (8, 255)
+    _OPTIONS["mf-p"] = lambda bn: (4, 232) if bn <= 16 else (8, 248) if bn <= 32 else (8, 255)
     _OPTIONS["mf-lu"] = lambda bn: (4, 255) if bn <= 4 else (8, 255)
     _TILE_WARPS["mf-lu"] = lambda bn: 4 if bn <= 16 else 8
     MAX_TEACHERS.update({"ce": 32, "mf-p": 32})
