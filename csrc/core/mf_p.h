@@ -10,7 +10,7 @@ namespace UHC_NAMESPACE {
 template <int W, class Arena>
 struct MfPScratch {
   using D = typename Lanes<W>::D;
-  CeScratch<W, Arena> ce;                   // the start
+  CeScratch<W, Arena> ce;                      // the start
   View<Arena, D> p;                            // packed probabilities (nnz)
   View<Arena, D> q, B, moved;                  // per class: fitted q (unnormalised), B_l, the step's change of q
   View<Arena, D> v, cand, grad, step, dv, e;   // per teacher (e: one class's entries)

@@ -11,7 +11,7 @@
 //   2. group the union's ids by bitmask (at most 2^N - 1 groups), decide connectivity of the
 //      teachers' overlap graph, and add the uniform prior teacher where asked;
 //   3. build the per-sample `Structure` (the sections CeSolver reads) and solve it with the dense
-//      solver, CeSolver<1, double> (one lane, double answers): the same Newton math as `ce`, with scalar doubles;
+//      solver, CeSolver<1, double>: the same Newton math as `ce`, one lane of doubles;
 //   4. write the union's ids sorted by decreasing soft label (ties by increasing id), -1-padded.
 // Work per sample: O(sum k_i) for the merge, O(E + G) per Newton step, O(U log U) for the sort.
 #pragma once
