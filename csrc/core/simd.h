@@ -43,7 +43,6 @@ struct Lanes<1> {
   using D = double;
   using F = float;
   using M = bool;   // a mask of D
-  using FM = bool;  // a mask of F
 };
 
 #if UHC_VECTORS
@@ -53,8 +52,7 @@ struct Lanes {
   static constexpr int width = W;
   typedef double D __attribute__((vector_size(8 * W)));
   typedef float F __attribute__((vector_size(4 * W)));
-  typedef int64_t M __attribute__((vector_size(8 * W)));   // all ones (-1) where true
-  typedef int32_t FM __attribute__((vector_size(4 * W)));  // the same, for F
+  typedef int64_t M __attribute__((vector_size(8 * W)));  // all ones (-1) where true
 };
 #endif
 
@@ -175,20 +173,6 @@ inline void transpose(V* r) {
   transpose<W>(r, std::make_integer_sequence<int64_t, W>{});
 }
 #endif
-
-// Lanes of one element type as lanes of another (double <-> float), elementwise.
-template <class To, class From>
-UHC_HD To lanes_cast(const From& x) {
-  if constexpr (std::is_same<To, From>::value) {
-    return x;
-  } else if constexpr (std::is_arithmetic<To>::value) {
-    return static_cast<To>(x);
-  } else {
-#if UHC_VECTORS
-    return __builtin_convertvector(x, To);
-#endif
-  }
-}
 
 // ---------------------------------------------------------------- scratch views
 // Per-tile scratch arrays. On the CPU each thread owns a dense buffer; on the GPU the buffers of
